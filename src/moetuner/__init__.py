@@ -1,0 +1,20 @@
+"""moetuner: place the experts of a Mixture-of-Experts model on GPUs for expert parallelism.
+
+The pipeline, one module per stage: ``trace`` (routing records) -> ``profile`` (loads,
+transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> export.
+"""
+
+from moetuner.cluster import Cluster, GPUSpec, make_cluster
+from moetuner.errors import InputError
+from moetuner.inputs import read_profile, read_trace
+from moetuner.methods import PlaceOptions, SolveRecord, methods, place
+from moetuner.models import ModelSpec, get_model
+from moetuner.placement import Placement, load_placement
+from moetuner.profile import Profile, load_profile, profile_trace
+from moetuner.trace import Trace, load_trace
+
+__all__ = [
+    "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
+    "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
+    "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
+]

@@ -1,0 +1,31 @@
+"""``moetuner profile``: count a trace's routing statistics into a profile file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetuner.cli import command, console
+from moetuner.cli.options import Drop, Select, profile_with_progress
+
+
+@command("profile")
+def profile_command(
+    trace: Annotated[Path, typer.Argument(help="routing trace (.npz with topk_ids)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="profile .npz to write")],
+    select: Select = None,
+    drop: Drop = None,
+) -> None:
+    """Profile a routing trace: loads, cross-layer transitions, co-activation, stability."""
+    profile = profile_with_progress(str(trace), select, drop)
+    profile.save(output)
+    skew = profile.skew()
+    mi = profile.mutual_information()
+    console.print(
+        f"profiled {profile.tokens} tokens, {profile.num_layers} layers x "
+        f"{profile.num_experts} experts, top-{profile.top_k} -> {output}\n"
+        f"skew (max/mean expert load) mean {float(skew.mean()):.2f}, max {skew.max():.2f}"
+        + ("" if mi is None else f"; consecutive-layer MI mean {mi.mean():.3f} bits")
+    )

@@ -1,0 +1,55 @@
+"""Atomic file output: a file is either written whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success.
+
+    A failure inside the ``with`` block removes the temporary file, so no partial output is
+    ever left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temporary file and move it to ``path`` when it returns."""
+    with atomic_open(path, "wb" if binary else "w") as handle:
+        write(handle)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    write_atomic(path, lambda handle: json.dump(obj, handle, indent=indent))
+
+
+def write_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:
+    """Write arrays to an ``.npz`` at ``path`` atomically (numpy adds no suffix to a handle)."""
+    save = np.savez_compressed if compress else np.savez
+    write_atomic(path, lambda handle: save(handle, **arrays), binary=True)
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write one array to an ``.npy`` at ``path`` atomically."""
+    write_atomic(path, lambda handle: np.save(handle, array), binary=True)

@@ -1,0 +1,98 @@
+"""Model specs: the MoE shapes that placement, the cost model and export need.
+
+Figures come from each model's public ``config.json`` on the Hugging Face Hub (fields named
+in brackets): hidden layers [num_hidden_layers], dense layers [first_k_dense_replace for
+DeepSeek; none for the others], routed experts [num_local_experts / num_experts /
+n_routed_experts], top-k [num_experts_per_tok], hidden size [hidden_size], expert
+intermediate size [intermediate_size for Mixtral, OLMoE and GPT-OSS; moe_intermediate_size
+for Qwen3 and DeepSeek]. Expert weight formats: GPT-OSS ships its experts in MXFP4 (4-bit
+values plus one 8-bit scale per 32, 4.25 bits a weight), DeepSeek-V3 in FP8, the rest in BF16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moetuner.errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of an MoE model.
+
+    Attributes:
+        name: preset name (``--model``).
+        hf_id: the Hugging Face repository the figures come from.
+        num_hidden_layers: all transformer layers, dense ones included (SGLang's layer axis).
+        dense_layers: hidden-layer indices whose FFN is dense (no experts).
+        num_experts: routed experts per MoE layer (E).
+        top_k: experts per token (k).
+        hidden_size: model width (the size of a token's activation).
+        expert_intermediate_size: one expert's FFN inner width.
+        expert_bytes_per_param: bytes per expert weight (2 for BF16, 1 for FP8, 0.53125 MXFP4).
+        activation_bytes: bytes per activation element sent in all-to-all (BF16 = 2).
+        num_shared_experts: always-active experts (not placed; informational).
+    """
+
+    name: str
+    hf_id: str
+    num_hidden_layers: int
+    dense_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    expert_bytes_per_param: float = 2.0
+    activation_bytes: float = 2.0
+    num_shared_experts: int = 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Hidden-layer indices of the MoE layers, in order."""
+        return tuple(i for i in range(self.num_hidden_layers) if i not in self.dense_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def expert_params(self) -> int:
+        """Weights of one expert: gate, up and down projections (3 x hidden x intermediate)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    @property
+    def expert_weight_bytes(self) -> float:
+        return self.expert_params * self.expert_bytes_per_param
+
+    @property
+    def token_bytes(self) -> float:
+        """Bytes of one token's activation moved by dispatch or combine."""
+        return self.hidden_size * self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("gpt-oss-20b", "openai/gpt-oss-20b", 24, (), 32, 4, 2880, 2880,
+                  expert_bytes_per_param=4.25 / 8),
+        ModelSpec("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite", 27, (0,), 64, 6, 2048,
+                  1408, num_shared_experts=2),
+        ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, (), 8, 2, 4096, 14336),
+        ModelSpec("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", 16, (), 64, 8, 2048, 1024),
+        ModelSpec("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", 48, (), 128, 8, 2048, 768),
+        ModelSpec("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B", 94, (), 128, 8, 4096, 1536),
+        ModelSpec("deepseek-v3", "deepseek-ai/DeepSeek-V3", 61, (0, 1, 2), 256, 8, 7168, 2048,
+                  expert_bytes_per_param=1.0, num_shared_experts=1),
+    ]
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    """The preset called ``name``; an ``InputError`` listing the presets otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise InputError("--model", "name", f"one of {', '.join(MODELS)}", repr(name)) from None

@@ -1,0 +1,224 @@
+"""Placements: which expert sits in which slot of which GPU, in every MoE layer.
+
+A placement is DeepSeek EPLB's ``phy2log [L, P]``: P = G x slots_per_gpu physical slots per
+layer, slot p on GPU ``p // slots_per_gpu``, each holding one logical expert. P - E slots are
+redundant replicas. Every GPU has the same number of slots in every layer, as SGLang and vLLM
+require.
+
+File format (JSON, ``"format": "moetuner.placement"``)::
+
+    {"format": "moetuner.placement", "version": 1,
+     "num_gpus": G, "num_experts": E, "slots_per_gpu": S,
+     "phy2log": [[...P ids...] x L],
+     "metadata": {"method": ..., "cluster": {...}, "profile": [...provenance...],
+                  "objective": ..., "bound": ..., "gap": ..., "solve_time": ..., ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moetuner.errors import InputError
+from moetuner.io import write_json
+
+FORMAT = "moetuner.placement"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Experts in GPU slots for every MoE layer.
+
+    Attributes:
+        phy2log: int ``[L, P]`` logical expert in each physical slot; P = G * slots_per_gpu.
+        num_gpus: G.
+        num_experts: E (logical experts per layer).
+        metadata: how the placement was made (method, cluster, provenance, objective, ...).
+        allow_shared_gpu: accept two replicas of one expert on the same GPU (EPLB can make
+            such placements; moetuner's own methods never do).
+        source: file the placement came from, for error messages.
+    """
+
+    phy2log: np.ndarray
+    num_gpus: int
+    num_experts: int
+    metadata: dict = field(default_factory=dict)
+    allow_shared_gpu: bool = False
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phy2log", np.asarray(self.phy2log))
+        self.validate()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.phy2log.shape[0])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.phy2log.shape[1])
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_slots // self.num_gpus
+
+    @property
+    def num_redundant(self) -> int:
+        return self.num_slots - self.num_experts
+
+    @property
+    def gpu_of_slot(self) -> np.ndarray:
+        """``[P]`` GPU of each physical slot."""
+        return np.arange(self.num_slots) // self.slots_per_gpu
+
+    @property
+    def logcnt(self) -> np.ndarray:
+        """``[L, E]`` replicas of each logical expert."""
+        offsets = (np.arange(self.num_layers) * self.num_experts)[:, None]
+        counts = np.bincount((self.phy2log + offsets).ravel(),
+                             minlength=self.num_layers * self.num_experts)
+        return counts.reshape(self.num_layers, self.num_experts)
+
+    @property
+    def log2phy(self) -> np.ndarray:
+        """``[L, E, X]`` physical slots of each logical expert, ascending, padded with -1;
+        X = the largest replica count (EPLB's layout)."""
+        L, E, P = self.num_layers, self.num_experts, self.num_slots
+        counts = self.logcnt
+        width = int(counts.max())
+        out = np.full((L, E, width), -1, dtype=np.int64)
+        order = np.argsort(self.phy2log, axis=1, kind="stable")       # slots grouped by expert
+        experts = np.take_along_axis(self.phy2log, order, axis=1)     # [L, P] sorted expert ids
+        starts = np.cumsum(counts, axis=1) - counts                    # [L, E] first rank
+        rank = np.arange(P)[None, :] - np.take_along_axis(starts, experts, axis=1)
+        layer = np.repeat(np.arange(L), P)
+        out[layer, experts.ravel(), rank.ravel()] = order.ravel()
+        return out
+
+    @property
+    def replicas_on_gpu(self) -> np.ndarray:
+        """``[L, E, G]`` copies of each expert on each GPU."""
+        L, E, G = self.num_layers, self.num_experts, self.num_gpus
+        index = (np.arange(L)[:, None] * E + self.phy2log) * G + self.gpu_of_slot[None, :]
+        return np.bincount(index.ravel(), minlength=L * E * G).reshape(L, E, G)
+
+    def validate(self) -> None:
+        """Raise ``InputError`` unless the placement is loadable by an engine."""
+        src, p = self.source, self.phy2log
+        if p.ndim != 2 or not np.issubdtype(p.dtype, np.integer):
+            raise InputError(src, "phy2log", "an integer array [layers, slots]",
+                             f"{p.dtype} {list(p.shape)}")
+        if self.num_gpus < 1 or self.num_experts < 1:
+            raise InputError(src, "num_gpus/num_experts", "positive counts",
+                             (self.num_gpus, self.num_experts))
+        if p.shape[1] % self.num_gpus:
+            raise InputError(src, "phy2log", f"a slot count divisible by the {self.num_gpus} GPUs",
+                             p.shape[1])
+        if p.shape[1] < self.num_experts:
+            raise InputError(src, "phy2log", f"at least one slot per expert ({self.num_experts})",
+                             p.shape[1])
+        if p.size and (p.min() < 0 or p.max() >= self.num_experts):
+            raise InputError(src, "phy2log", f"expert ids in [0, {self.num_experts})",
+                             f"ids in [{p.min()}, {p.max()}]")
+        missing = np.argwhere(self.logcnt == 0)
+        if len(missing):
+            layer, expert = missing[0]
+            raise InputError(src, "phy2log", "every expert in at least one slot of every layer",
+                             f"expert {expert} missing in layer {layer}")
+        if not self.allow_shared_gpu:
+            shared = np.argwhere(self.replicas_on_gpu > 1)
+            if len(shared):
+                layer, expert, gpu = shared[0]
+                raise InputError(src, "phy2log", "no two replicas of one expert on one GPU",
+                                 f"expert {expert} twice on GPU {gpu} in layer {layer}")
+
+    @classmethod
+    def from_expert_gpu(cls, expert_gpu: np.ndarray, num_gpus: int, metadata: dict | None = None
+                        ) -> Placement:
+        """Build a placement without replicas from ``expert_gpu [L, E]`` (GPU of each expert).
+
+        Every GPU must hold E / G experts in every layer; within a GPU, slots are in
+        ascending expert order.
+        """
+        expert_gpu = np.asarray(expert_gpu, dtype=np.int64)
+        L, E = expert_gpu.shape
+        index = np.arange(L)[:, None] * num_gpus + expert_gpu
+        if expert_gpu.min() < 0 or expert_gpu.max() >= num_gpus:
+            raise InputError("<expert_gpu>", "expert_gpu", f"GPU ids in [0, {num_gpus})",
+                             f"[{expert_gpu.min()}, {expert_gpu.max()}]")
+        counts = np.bincount(index.ravel(), minlength=L * num_gpus).reshape(L, num_gpus)
+        if E % num_gpus or (counts != E // num_gpus).any():
+            raise InputError("<expert_gpu>", "expert_gpu",
+                             f"{E // max(num_gpus, 1)} experts on each of {num_gpus} GPUs per "
+                             "layer", counts.tolist())
+        # Sorting by (gpu, expert) lists each GPU's experts in its slot range.
+        phy2log = np.argsort(expert_gpu * E + np.arange(E)[None, :], axis=1, kind="stable")
+        return cls(phy2log=phy2log, num_gpus=num_gpus, num_experts=E, metadata=metadata or {})
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_gpus": self.num_gpus,
+            "num_experts": self.num_experts,
+            "slots_per_gpu": self.slots_per_gpu,
+            "phy2log": self.phy2log.tolist(),
+            "allow_shared_gpu": self.allow_shared_gpu,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the placement JSON atomically."""
+        write_json(path, _jsonable(self.to_dict()))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<memory>") -> Placement:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InputError(source, "format", f'"{FORMAT}"',
+                             data.get("format") if isinstance(data, dict) else type(data).__name__)
+        for key in ("num_gpus", "num_experts", "phy2log"):
+            if key not in data:
+                raise InputError(source, key, "a key of the placement file")
+        try:
+            phy2log = np.asarray(data["phy2log"], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise InputError(source, "phy2log", "a rectangular list of integer lists") from None
+        placement = cls(phy2log=phy2log, num_gpus=int(data["num_gpus"]),
+                        num_experts=int(data["num_experts"]),
+                        metadata=data.get("metadata", {}),
+                        allow_shared_gpu=bool(data.get("allow_shared_gpu", False)),
+                        source=source)
+        if "slots_per_gpu" in data and int(data["slots_per_gpu"]) != placement.slots_per_gpu:
+            raise InputError(source, "slots_per_gpu", f"{placement.slots_per_gpu} (= P / G)",
+                             data["slots_per_gpu"])
+        return placement
+
+
+def load_placement(path: str | os.PathLike) -> Placement:
+    """Read a placement JSON written by ``Placement.save``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file", "an existing placement file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", "a moetuner placement JSON", exc) from None
+    return Placement.from_dict(data, source=str(path))
+
+
+def _jsonable(obj):
+    """Convert numpy scalars and arrays inside ``obj`` to plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

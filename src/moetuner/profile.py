@@ -1,0 +1,288 @@
+"""Routing profiles: the statistics of a trace that placement and evaluation need.
+
+Counting conventions (L MoE layers, E experts, k experts per token):
+
+- ``load[l, i]``: tokens that chose expert i in layer l. ``load[l].sum() == tokens * k``.
+- ``transitions[l, i, j]``: tokens that chose i in layer l *and* j in layer l+1. Each token
+  contributes all k x k pairs of its two top-k sets, each with count 1, so
+  ``transitions[l].sum(axis=1) == k * load[l]`` and ``transitions[l].sum(axis=0) ==
+  k * load[l + 1]``.
+- ``transitions_top1[l, i, j]``: tokens whose primary expert is i in layer l and j in layer l+1
+  (one pair per token; the ``follow`` execution model moves a token with its primary expert).
+- ``coactivation[l, i, j]``: tokens that chose both i and j in layer l; symmetric, with
+  ``coactivation[l, i, i] == load[l, i]``.
+
+All counts are computed in bounded-memory chunks with ``np.bincount``; no Python loop runs
+over tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moetuner.errors import InputError
+from moetuner.io import write_npz
+from moetuner.trace import Trace
+
+# Upper bound on the pair indices materialised per chunk (about 32 MB of int64).
+CHUNK_ELEMENTS = 1 << 22
+
+_COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Routing statistics of a workload.
+
+    Attributes:
+        load: ``[L, E]`` token-expert assignments per layer and expert (counts, may be float
+            when read from an aggregated source).
+        top_k: experts per token (k).
+        tokens: tokens profiled.
+        transitions: ``[L-1, E, E]`` k x k consecutive-layer pair counts, or None (loads only).
+        transitions_top1: ``[L-1, E, E]`` primary-to-primary counts, or None.
+        coactivation: ``[L, E, E]`` same-layer pair counts (diagonal = load), or None.
+        stability_load: ``[L]`` Pearson correlation of each layer's load between the two halves
+            of the trace, or None (unknown, e.g. after summing profiles).
+        stability_transitions: ``[L-1]`` the same for the transition matrices, or None.
+        provenance: one dict per source (``source``, ``selection``, ``tokens``).
+    """
+
+    load: np.ndarray
+    top_k: int
+    tokens: int
+    transitions: np.ndarray | None = None
+    transitions_top1: np.ndarray | None = None
+    coactivation: np.ndarray | None = None
+    stability_load: np.ndarray | None = None
+    stability_transitions: np.ndarray | None = None
+    provenance: list[dict] = field(default_factory=list)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.load.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.load.shape[1])
+
+    @property
+    def has_transitions(self) -> bool:
+        return self.transitions is not None
+
+    @classmethod
+    def from_load(cls, load: np.ndarray, top_k: int = 1, source: str = "<memory>") -> Profile:
+        """A loads-only profile (e.g. from aggregated counts); ``tokens`` = load per layer / k."""
+        load = np.asarray(load)
+        tokens = int(round(float(load[0].sum()) / top_k)) if load.size else 0
+        return cls(load=load, top_k=top_k, tokens=tokens, source=source,
+                   provenance=[{"source": source, "selection": "all", "tokens": tokens}])
+
+    def __add__(self, other: Profile) -> Profile:
+        """Combine two workloads: counts add, provenance concatenates, stability is unknown."""
+        if self.load.shape != other.load.shape or self.top_k != other.top_k:
+            raise InputError(other.source, "load",
+                             f"shape {list(self.load.shape)} and k = {self.top_k} to add to "
+                             f"{self.source}", f"{list(other.load.shape)}, k = {other.top_k}")
+        counts = {}
+        for name in _COUNT_FIELDS[1:]:
+            a, b = getattr(self, name), getattr(other, name)
+            counts[name] = a + b if a is not None and b is not None else None
+        return Profile(load=self.load + other.load, top_k=self.top_k,
+                       tokens=self.tokens + other.tokens, **counts,
+                       provenance=self.provenance + other.provenance,
+                       source=f"{self.source} + {other.source}")
+
+    def skew(self) -> np.ndarray:
+        """``[L]`` busiest expert's load / mean expert load per layer (1.0 = uniform)."""
+        mean = self.load.mean(axis=1)
+        return np.divide(self.load.max(axis=1), mean, out=np.ones_like(mean, dtype=float),
+                         where=mean > 0)
+
+    def mutual_information(self) -> np.ndarray | None:
+        """``[L-1]`` bits of mutual information between consecutive layers' primary experts.
+
+        Computed from ``transitions_top1`` (0 when layer l+1's choice is independent of layer
+        l's, log2(E) at most); None for a loads-only profile.
+        """
+        if self.transitions_top1 is None:
+            return None
+        return mutual_information(self.transitions_top1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the profile as ``.npz`` (atomically); ``load_profile`` reads it back."""
+        arrays = {name: getattr(self, name) for name in _COUNT_FIELDS
+                  if getattr(self, name) is not None}
+        for name in ("stability_load", "stability_transitions"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        arrays["top_k"] = np.asarray(self.top_k)
+        arrays["tokens"] = np.asarray(self.tokens)
+        arrays["provenance_json"] = np.asarray(json.dumps(self.provenance))
+        write_npz(path, **arrays)
+
+
+def mutual_information(joint_counts: np.ndarray) -> np.ndarray:
+    """Mutual information in bits of each ``[..., E, E]`` joint count table; ``[...]``."""
+    counts = np.asarray(joint_counts, dtype=np.float64)
+    total = counts.sum(axis=(-2, -1), keepdims=True)
+    p = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    px = p.sum(axis=-1, keepdims=True)
+    py = p.sum(axis=-2, keepdims=True)
+    ratio = np.divide(p, px * py, out=np.ones_like(p), where=p > 0)
+    return (p * np.log2(ratio)).sum(axis=(-2, -1))
+
+
+def _correlation_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ``a[i].ravel()`` with ``b[i].ravel()`` for each leading index."""
+    x = a.reshape(a.shape[0], -1).astype(np.float64)
+    y = b.reshape(b.shape[0], -1).astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denom = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    return np.divide((x * y).sum(axis=1), denom, out=np.full(len(x), np.nan), where=denom > 0)
+
+
+def _validate(p: Profile) -> None:
+    src, load = p.source, np.asarray(p.load)
+    if load.ndim != 2 or load.shape[0] < 1 or load.shape[1] < 1:
+        raise InputError(src, "load", "a 2-D array [layers, experts]", list(load.shape))
+    if not (np.issubdtype(load.dtype, np.integer) or np.issubdtype(load.dtype, np.floating)):
+        raise InputError(src, "load", "numeric counts", load.dtype)
+    L, E = load.shape
+    expected = {"transitions": (L - 1, E, E), "transitions_top1": (L - 1, E, E),
+                "coactivation": (L, E, E)}
+    for name in _COUNT_FIELDS:
+        arr = getattr(p, name)
+        if arr is None:
+            continue
+        if name != "load" and tuple(arr.shape) != expected[name]:
+            raise InputError(src, name, f"shape {list(expected[name])}", list(arr.shape))
+        if not np.isfinite(arr).all():
+            raise InputError(src, name, "finite counts", "NaN or inf")
+        if (arr < 0).any():
+            raise InputError(src, name, "non-negative counts", f"minimum {arr.min()}")
+    if p.top_k < 1 or p.top_k > E:
+        raise InputError(src, "top_k", f"an integer in [1, {E}]", p.top_k)
+    if p.tokens < 0:
+        raise InputError(src, "tokens", "a non-negative token count", p.tokens)
+
+
+class _Counter:
+    """Accumulates the four count arrays of a stream of ``[tokens, L, k]`` id chunks."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        L, E = num_layers, num_experts
+        self.L, self.E, self.k = L, E, top_k
+        self.tokens = 0
+        self.load = np.zeros(L * E, np.int64)
+        self.transitions = np.zeros(max(L - 1, 0) * E * E, np.int64)
+        self.transitions_top1 = np.zeros(max(L - 1, 0) * E * E, np.int64)
+        self.coactivation = np.zeros(L * E * E, np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        """Count one chunk ``ids [t, L, k]``."""
+        L, E = self.L, self.E
+        ids = ids.astype(np.int64)
+        self.tokens += ids.shape[0]
+        flat = ids + (np.arange(L) * E)[None, :, None]           # [t, L, k] ids in L*E space
+        self.load += np.bincount(flat.ravel(), minlength=L * E)
+        pairs = flat[:, :, :, None] * E + ids[:, :, None, :]       # [t, L, k, k] in L*E*E space
+        self.coactivation += np.bincount(pairs.ravel(), minlength=L * E * E)
+        if L > 1:
+            nxt = (flat[:, :-1, :, None] * E) + ids[:, 1:, None, :]  # [t, L-1, k, k]
+            self.transitions += np.bincount(nxt.ravel(), minlength=(L - 1) * E * E)
+            top1 = flat[:, :-1, 0] * E + ids[:, 1:, 0]                # [t, L-1]
+            self.transitions_top1 += np.bincount(top1.ravel(), minlength=(L - 1) * E * E)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        L, E = self.L, self.E
+        return {
+            "load": self.load.reshape(L, E),
+            "transitions": self.transitions.reshape(L - 1, E, E),
+            "transitions_top1": self.transitions_top1.reshape(L - 1, E, E),
+            "coactivation": self.coactivation.reshape(L, E, E),
+        }
+
+
+def chunk_tokens_for(num_layers: int, num_experts: int, top_k: int) -> int:
+    """Tokens per chunk so that one chunk's k x k pair indices stay near ``CHUNK_ELEMENTS``.
+
+    Never below what makes the per-chunk ``bincount`` output (L*E*E) dominate the work.
+    """
+    per_token = num_layers * top_k * top_k
+    budget = max(CHUNK_ELEMENTS, num_layers * num_experts * num_experts)
+    return max(1, budget // per_token)
+
+
+def profile_trace(
+    trace: Trace,
+    chunk_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """Count a trace's routing statistics in streaming chunks.
+
+    The trace is counted as two halves (split at a sequence boundary when the trace has
+    sequences), whose sum is the profile; the halves give the stability figures.
+
+    Args:
+        trace: the routing trace.
+        chunk_tokens: tokens per chunk (bounds memory); default from ``chunk_tokens_for``.
+        progress: called with the number of tokens counted after each chunk.
+    """
+    chunk = chunk_tokens or chunk_tokens_for(trace.num_layers, trace.num_experts, trace.top_k)
+    halves = trace.split(0.5) if trace.num_tokens > 1 else (trace,)
+    counted = []
+    for half in halves:
+        counter = _Counter(trace.num_layers, trace.num_experts, trace.top_k)
+        for ids in half.chunks(chunk):
+            counter.add(ids)
+            if progress is not None:
+                progress(ids.shape[0])
+        counted.append(counter.arrays())
+    total = {name: sum(c[name] for c in counted) for name in _COUNT_FIELDS}
+    stability = {}
+    if len(counted) == 2:
+        stability["stability_load"] = _correlation_rows(counted[0]["load"], counted[1]["load"])
+        if trace.num_layers > 1:
+            stability["stability_transitions"] = _correlation_rows(
+                counted[0]["transitions"], counted[1]["transitions"])
+    provenance = [{"source": trace.source, "selection": trace.selection,
+                   "tokens": trace.num_tokens}]
+    return Profile(**total, top_k=trace.top_k, tokens=trace.num_tokens, **stability,
+                   provenance=provenance, source=trace.source)
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read a profile ``.npz`` written by ``Profile.save``, validating every field."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(path, "file", "an existing profile file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", "a numpy .npz profile", exc) from None
+    with data:
+        if "load" not in data.files:
+            raise InputError(path, "load", "an array [layers, experts] in the .npz")
+        arrays = {name: data[name] for name in data.files}
+    top_k = int(arrays.pop("top_k", 1))
+    tokens = int(arrays.pop("tokens", 0))
+    provenance = json.loads(str(arrays.pop("provenance_json", "[]")))
+    known = set(_COUNT_FIELDS) | {"stability_load", "stability_transitions"}
+    unknown = set(arrays) - known
+    if unknown:
+        raise InputError(path, ", ".join(sorted(unknown)), f"only the fields {sorted(known)}")
+    return Profile(**arrays, top_k=top_k, tokens=tokens, provenance=provenance,
+                   source=str(path))
+

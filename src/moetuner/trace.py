@@ -1,0 +1,244 @@
+"""Routing traces: which experts the router picked for every token in every MoE layer.
+
+The canonical trace is an ``.npz`` holding
+
+- ``topk_ids``     int   ``[tokens, moe_layers, k]``: expert ids, primary (highest-scored) first;
+- ``topk_weights`` float ``[tokens, moe_layers, k]`` (optional): router probabilities;
+- ``seq_lens``     int   ``[sequences]`` (optional): tokens are stored sequence after sequence;
+- any ``seq_*`` array ``[sequences]`` (optional): per-sequence labels (``seq_dataset``,
+  ``seq_repetition``...), used to select the part of a workload to profile or evaluate on;
+- ``num_experts``  int scalar (optional): otherwise the largest id + 1.
+
+This is the layout of ``shared/traces/gpt-oss-20b/decode.npz``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from moetuner.errors import InputError
+from moetuner.io import write_npz
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A routing trace held in memory.
+
+    Attributes:
+        topk_ids: int ``[tokens, layers, k]`` expert ids per token and MoE layer, primary first.
+        num_experts: experts per layer (E); every id is in ``[0, E)``.
+        topk_weights: float ``[tokens, layers, k]`` router probabilities, or None.
+        seq_lens: int ``[sequences]`` tokens per sequence (summing to ``tokens``), or None.
+        seq_labels: name -> ``[sequences]`` array of per-sequence labels (str, bool, int).
+        source: where the trace came from (a path), for provenance.
+        selection: a readable description of the sequence selection applied.
+    """
+
+    topk_ids: np.ndarray
+    num_experts: int
+    topk_weights: np.ndarray | None = None
+    seq_lens: np.ndarray | None = None
+    seq_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = "<memory>"
+    selection: str = "all"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_ids.shape[2])
+
+    @property
+    def num_sequences(self) -> int | None:
+        return None if self.seq_lens is None else int(self.seq_lens.shape[0])
+
+    def chunks(self, chunk_tokens: int) -> Iterator[np.ndarray]:
+        """Yield ``topk_ids`` in consecutive ``[<=chunk_tokens, layers, k]`` slices (views)."""
+        for start in range(0, self.num_tokens, chunk_tokens):
+            yield self.topk_ids[start : start + chunk_tokens]
+
+    def take_sequences(self, keep: np.ndarray, description: str) -> Trace:
+        """The trace restricted to the sequences where the bool ``keep [sequences]`` holds."""
+        if self.seq_lens is None:
+            raise InputError(self.source, "seq_lens", "per-sequence lengths to select sequences")
+        keep = np.asarray(keep, dtype=bool)
+        token_mask = np.repeat(keep, self.seq_lens)
+        selection = description if self.selection == "all" else f"{self.selection}; {description}"
+        return replace(
+            self,
+            topk_ids=self.topk_ids[token_mask],
+            topk_weights=None if self.topk_weights is None else self.topk_weights[token_mask],
+            seq_lens=self.seq_lens[keep],
+            seq_labels={name: labels[keep] for name, labels in self.seq_labels.items()},
+            selection=selection,
+        )
+
+    def select(self, selectors: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
+        """Apply ``NAME=PATTERN`` selectors (shell globs, ``|`` for alternatives) and drop flags.
+
+        ``select(["seq_dataset=mmlu*"], drop=["seq_repetition"])`` keeps MMLU sequences that
+        did not fall into a repetition loop. Several selectors must all match.
+        """
+        trace = self
+        for selector in selectors:
+            name, sep, pattern = selector.partition("=")
+            if not sep:
+                raise InputError(self.source, "--select", "NAME=PATTERN", repr(selector))
+            labels = trace._labels(name)
+            patterns = pattern.split("|")
+            keep = np.array(
+                [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
+                dtype=bool,
+            )
+            trace = trace.take_sequences(keep, selector)
+        for name in drop:
+            labels = trace._labels(name)
+            if labels.dtype != bool:
+                raise InputError(self.source, name, "a bool [sequences] flag to --drop",
+                                 labels.dtype)
+            trace = trace.take_sequences(~labels, f"drop {name}")
+        return trace
+
+    def split(self, fraction: float = 0.5) -> tuple[Trace, Trace]:
+        """Split into a first and a second part at a sequence boundary (token boundary if none).
+
+        The first part holds about ``fraction`` of the tokens; used to profile on one half
+        of a workload and evaluate on the other.
+        """
+        if self.seq_lens is None:
+            cut = int(round(self.num_tokens * fraction))
+            return self.slice_tokens(0, cut), self.slice_tokens(cut, self.num_tokens)
+        ends = np.cumsum(self.seq_lens)
+        n_first = int(np.searchsorted(ends, self.num_tokens * fraction)) + 1
+        n_first = min(max(n_first, 1), len(self.seq_lens) - 1) if len(self.seq_lens) > 1 else 1
+        keep = np.arange(len(self.seq_lens)) < n_first
+        return (self.take_sequences(keep, f"sequences [0, {n_first})"),
+                self.take_sequences(~keep, f"sequences [{n_first}, end)"))
+
+    def slice_tokens(self, start: int, stop: int) -> Trace:
+        """Return tokens ``[start, stop)`` of a trace without sequence structure."""
+        if self.seq_lens is not None:
+            raise InputError(self.source, "seq_lens", "no sequences when slicing by token")
+        return replace(
+            self,
+            topk_ids=self.topk_ids[start:stop],
+            topk_weights=None if self.topk_weights is None else self.topk_weights[start:stop],
+            selection=f"{self.selection}; tokens [{start}, {stop})",
+        )
+
+    def _labels(self, name: str) -> np.ndarray:
+        if name not in self.seq_labels:
+            known = ", ".join(sorted(self.seq_labels)) or "none"
+            raise InputError(self.source, name, f"a per-sequence label array (present: {known})")
+        return self.seq_labels[name]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the trace as a canonical ``.npz`` (atomically)."""
+        arrays: dict[str, np.ndarray] = {
+            "topk_ids": self.topk_ids,
+            "num_experts": np.asarray(self.num_experts, dtype=np.int64),
+        }
+        if self.topk_weights is not None:
+            arrays["topk_weights"] = self.topk_weights
+        if self.seq_lens is not None:
+            arrays["seq_lens"] = self.seq_lens
+        arrays.update(self.seq_labels)
+        write_npz(path, **arrays)
+
+
+def _validate(trace: Trace) -> None:
+    src, ids = trace.source, trace.topk_ids
+    if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(src, "topk_ids", "an integer array [tokens, layers, k]",
+                         f"{ids.dtype} {list(ids.shape)}")
+    tokens, layers, k = ids.shape
+    if layers < 1 or k < 1:
+        raise InputError(src, "topk_ids", "at least one layer and k >= 1", list(ids.shape))
+    if trace.num_experts < k:
+        raise InputError(src, "num_experts", f"at least k = {k}", trace.num_experts)
+    if tokens:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= trace.num_experts:
+            raise InputError(src, "topk_ids", f"expert ids in [0, {trace.num_experts})",
+                             f"ids in [{lo}, {hi}]")
+        if k > 1:
+            ordered = np.sort(ids, axis=2)
+            repeats = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
+            if repeats.any():
+                token, layer = np.argwhere(repeats)[0]
+                raise InputError(src, "topk_ids", "k distinct experts per token and layer",
+                                 f"a repeated expert at token {token}, layer {layer}")
+    if trace.topk_weights is not None:
+        w = trace.topk_weights
+        if w.shape != ids.shape:
+            raise InputError(src, "topk_weights", f"the shape of topk_ids {list(ids.shape)}",
+                             list(w.shape))
+        if not np.isfinite(w).all():
+            raise InputError(src, "topk_weights", "finite router probabilities", "NaN or inf")
+    if trace.seq_lens is not None:
+        lens = trace.seq_lens
+        if lens.ndim != 1 or not np.issubdtype(lens.dtype, np.integer) or (lens < 0).any():
+            raise InputError(src, "seq_lens", "non-negative integers [sequences]",
+                             f"{lens.dtype} {list(lens.shape)}")
+        if int(lens.sum()) != tokens:
+            raise InputError(src, "seq_lens", f"lengths summing to the {tokens} tokens",
+                             int(lens.sum()))
+        for name, labels in trace.seq_labels.items():
+            if labels.shape != lens.shape:
+                raise InputError(src, name, f"one label per sequence [{lens.shape[0]}]",
+                                 list(labels.shape))
+    elif trace.seq_labels:
+        raise InputError(src, "seq_lens", "sequence lengths, since per-sequence labels are given")
+
+
+def load_trace(
+    path: str | os.PathLike,
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    num_experts: int | None = None,
+) -> Trace:
+    """Read a canonical trace ``.npz`` and apply a sequence selection.
+
+    Args:
+        path: the ``.npz`` file.
+        select: ``NAME=PATTERN`` selectors on ``seq_*`` label arrays (see ``Trace.select``).
+        drop: names of bool ``seq_*`` arrays whose flagged sequences are removed.
+        num_experts: E when the file does not say; default: the file's ``num_experts`` or the
+            largest id + 1.
+    """
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(path, "file", "an existing trace file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", "a numpy .npz trace", exc) from None
+    with data:
+        if not hasattr(data, "files") or "topk_ids" not in data.files:
+            raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
+        ids = data["topk_ids"]
+        weights = data["topk_weights"] if "topk_weights" in data.files else None
+        seq_lens = data["seq_lens"] if "seq_lens" in data.files else None
+        labels = {name: data[name] for name in data.files
+                  if name.startswith("seq_") and name != "seq_lens"}
+        stored_e = int(data["num_experts"]) if "num_experts" in data.files else None
+    if num_experts is None:
+        num_experts = stored_e if stored_e is not None else (int(ids.max()) + 1 if ids.size else 1)
+    trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
+                  seq_lens=seq_lens, seq_labels=labels, source=str(path))
+    return trace.select(select, drop)
