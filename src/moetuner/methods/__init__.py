@@ -110,13 +110,21 @@ def relative_gap(objective: float, bound: float) -> float:
 
 Solver = Callable[[Profile, Cluster, PlaceOptions], tuple[np.ndarray, SolveRecord]]
 _METHODS: dict[str, Solver] = {}
+# Methods whose placements may hold two replicas of one expert on one GPU (published EPLB).
+_SHARES_GPUS: set[str] = set()
 
 
-def register(name: str) -> Callable[[Solver], Solver]:
-    """Register ``solve(profile, cluster, options) -> (phy2log [L, P], SolveRecord)``."""
+def register(name: str, may_share_gpus: bool = False) -> Callable[[Solver], Solver]:
+    """Register ``solve(profile, cluster, options) -> (phy2log [L, P], SolveRecord)``.
+
+    ``may_share_gpus`` marks a method (a published baseline) that can put two replicas of
+    one expert on one GPU; its placements are accepted as they are.
+    """
 
     def wrap(solve: Solver) -> Solver:
         _METHODS[name] = solve
+        if may_share_gpus:
+            _SHARES_GPUS.add(name)
         return solve
 
     return wrap
@@ -157,5 +165,5 @@ def place(
     }
     placement = Placement(phy2log=np.asarray(phy2log, dtype=np.int64), num_gpus=cluster.num_gpus,
                           num_experts=profile.num_experts, metadata=metadata,
-                          allow_shared_gpu=bool(options.params.get("allow_shared_gpu", False)))
+                          allow_shared_gpu=method in _SHARES_GPUS)
     return placement, record
