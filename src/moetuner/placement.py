@@ -3,7 +3,8 @@
 A placement is DeepSeek EPLB's ``phy2log [L, P]``: P = G x slots_per_gpu physical slots per
 layer, slot p on GPU ``p // slots_per_gpu``, each holding one logical expert. P - E slots are
 redundant replicas. Every GPU has the same number of slots in every layer, as SGLang and vLLM
-require.
+require. The paper's free-size clusters (unequal experts per GPU in a layer) are held with
+``allow_empty_slots``: an id of -1 marks an empty slot; no engine loads such a placement.
 
 File format (JSON, ``"format": "moetuner.placement"``)::
 
@@ -41,6 +42,8 @@ class Placement:
         metadata: how the placement was made (method, cluster, provenance, objective, ...).
         allow_shared_gpu: accept two replicas of one expert on the same GPU (EPLB can make
             such placements; moetuner's own methods never do).
+        allow_empty_slots: accept -1 (an empty slot) in ``phy2log``, for unequal experts per
+            GPU (the paper's free cluster sizes); engines cannot load such placements.
         source: file the placement came from, for error messages.
     """
 
@@ -49,6 +52,7 @@ class Placement:
     num_experts: int
     metadata: dict = field(default_factory=dict)
     allow_shared_gpu: bool = False
+    allow_empty_slots: bool = False
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -79,10 +83,7 @@ class Placement:
     @property
     def logcnt(self) -> np.ndarray:
         """``[L, E]`` replicas of each logical expert."""
-        offsets = (np.arange(self.num_layers) * self.num_experts)[:, None]
-        counts = np.bincount((self.phy2log + offsets).ravel(),
-                             minlength=self.num_layers * self.num_experts)
-        return counts.reshape(self.num_layers, self.num_experts)
+        return self.replicas_on_gpu.sum(axis=2)
 
     @property
     def log2phy(self) -> np.ndarray:
@@ -92,12 +93,14 @@ class Placement:
         counts = self.logcnt
         width = int(counts.max())
         out = np.full((L, E, width), -1, dtype=np.int64)
-        order = np.argsort(self.phy2log, axis=1, kind="stable")       # slots grouped by expert
+        empty = (self.phy2log < 0).sum(axis=1, keepdims=True)          # [L, 1] empty slots
+        order = np.argsort(self.phy2log, axis=1, kind="stable")       # empties, then by expert
         experts = np.take_along_axis(self.phy2log, order, axis=1)     # [L, P] sorted expert ids
-        starts = np.cumsum(counts, axis=1) - counts                    # [L, E] first rank
-        rank = np.arange(P)[None, :] - np.take_along_axis(starts, experts, axis=1)
-        layer = np.repeat(np.arange(L), P)
-        out[layer, experts.ravel(), rank.ravel()] = order.ravel()
+        starts = np.cumsum(counts, axis=1) - counts + empty           # [L, E] first position
+        filled = experts >= 0
+        rank = np.arange(P)[None, :] - np.take_along_axis(starts, np.maximum(experts, 0), axis=1)
+        layer = np.repeat(np.arange(L), P).reshape(L, P)
+        out[layer[filled], experts[filled], rank[filled]] = order[filled]
         return out
 
     @property
@@ -105,7 +108,8 @@ class Placement:
         """``[L, E, G]`` copies of each expert on each GPU."""
         L, E, G = self.num_layers, self.num_experts, self.num_gpus
         index = (np.arange(L)[:, None] * E + self.phy2log) * G + self.gpu_of_slot[None, :]
-        return np.bincount(index.ravel(), minlength=L * E * G).reshape(L, E, G)
+        index = index[self.phy2log >= 0]
+        return np.bincount(index, minlength=L * E * G).reshape(L, E, G)
 
     def validate(self) -> None:
         """Raise ``InputError`` unless the placement is loadable by an engine."""
@@ -122,8 +126,9 @@ class Placement:
         if p.shape[1] < self.num_experts:
             raise InputError(src, "phy2log", f"at least one slot per expert ({self.num_experts})",
                              p.shape[1])
-        if p.size and (p.min() < 0 or p.max() >= self.num_experts):
-            raise InputError(src, "phy2log", f"expert ids in [0, {self.num_experts})",
+        lowest = -1 if self.allow_empty_slots else 0
+        if p.size and (p.min() < lowest or p.max() >= self.num_experts):
+            raise InputError(src, "phy2log", f"expert ids in [{lowest}, {self.num_experts})",
                              f"ids in [{p.min()}, {p.max()}]")
         missing = np.argwhere(self.logcnt == 0)
         if len(missing):
@@ -169,6 +174,7 @@ class Placement:
             "slots_per_gpu": self.slots_per_gpu,
             "phy2log": self.phy2log.tolist(),
             "allow_shared_gpu": self.allow_shared_gpu,
+            "allow_empty_slots": self.allow_empty_slots,
             "metadata": self.metadata,
         }
 
@@ -192,6 +198,7 @@ class Placement:
                         num_experts=int(data["num_experts"]),
                         metadata=data.get("metadata", {}),
                         allow_shared_gpu=bool(data.get("allow_shared_gpu", False)),
+                        allow_empty_slots=bool(data.get("allow_empty_slots", False)),
                         source=source)
         if "slots_per_gpu" in data and int(data["slots_per_gpu"]) != placement.slots_per_gpu:
             raise InputError(source, "slots_per_gpu", f"{placement.slots_per_gpu} (= P / G)",
