@@ -215,15 +215,17 @@ def layer_costs(problem: JointProblem, phy2log: np.ndarray) -> np.ndarray:
     Y = problem.per_node(X)                                                    # [L, E, N]
     same_gpu = np.einsum("leg,lfg->lef", X, X)                                 # [L, E, E]
     same_node = np.einsum("len,lfn->lef", Y, Y)
-    compute = np.einsum("qle,leg->qlg", problem.work, X).max(axis=2)          # [Q, L]
+    compute = (problem.work[:, :, None, :] @ X)[:, :, 0].max(axis=2)          # [Q, L]
     kT = problem.top_k * problem.tokens[:, None]                               # [Q, 1]
     d_gpu = kT - 0.5 * np.einsum("qlef,lef->ql", problem.coact, same_gpu)
     d_node = kT - 0.5 * np.einsum("qlef,lef->ql", problem.coact, same_node)
     stay_gpu = np.zeros_like(d_gpu)
     stay_node = np.zeros_like(d_gpu)
     if problem.num_layers > 1:
-        stay_gpu[:, 1:] = np.einsum("qlef,leg,lfg->ql", problem.follow_pairs, X[:-1], X[1:])
-        stay_node[:, 1:] = np.einsum("qlef,len,lfn->ql", problem.follow_pairs, Y[:-1], Y[1:])
+        together = np.einsum("leg,lfg->lef", X[:-1], X[1:])
+        stay_gpu[:, 1:] = np.einsum("qlef,lef->ql", problem.follow_pairs, together)
+        together = np.einsum("len,lfn->lef", Y[:-1], Y[1:])
+        stay_node[:, 1:] = np.einsum("qlef,lef->ql", problem.follow_pairs, together)
     T = problem.tokens[:, None]
     traffic = (problem.u_gpu[:, None] * (problem.cg * d_gpu - problem.s * stay_gpu
                                          - problem.t * T)

@@ -56,15 +56,17 @@ from moetuner.methods._joint_objective import (
     objective,
 )
 from moetuner.placement import Placement
-from moetuner.profile import Profile
+from moetuner.profile import Profile, profile_trace
+from moetuner.trace import Trace
 
-WARM_STARTS = ("linear", "round_robin", "eplb_fixed", "moetuner")
+WARM_STARTS = ("eplb_fixed", "linear", "round_robin", "moetuner")
 # Largest number of placements of one layer for which the exact dynamic program runs, and of
 # candidates tried when listing them.
 EXACT_STATES = 1500
 ENUMERATE = 50_000
 # Share of the time limit the warm-start baselines may use, and the margin kept at the end.
 WARM_SHARE = 0.15
+INSTANT = ("eplb_fixed", "linear", "round_robin")
 END_MARGIN = 0.03
 # Steepest-descent moves per layer visit (a cap that guarantees termination).
 MOVES_PER_SLOT = 4
@@ -78,7 +80,6 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
           ) -> tuple[np.ndarray, SolveRecord]:
     """Place with the joint objective (module docstring)."""
     start = time.perf_counter()
-    deadline = start + options.time_limit * (1 - END_MARGIN)
     params = options.params
     profiles = list(params.get("profiles") or [profile])
     weights = np.asarray(params.get("weights") or [1.0] * len(profiles), dtype=np.float64)
@@ -87,8 +88,11 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
                             str(params.get("robust", "mean")),
                             model_for(profile, params.get("model")))
     log = [disagreement(profiles)]
-    scores = _warm_starts(profile, cluster, options, problem,
-                          params.get("warm_start", WARM_STARTS), start)
+    scores, eval_seconds = _warm_starts(profile, cluster, options, problem,
+                                        params.get("warm_start", WARM_STARTS), start)
+    # Keep time to score the last phase and the result: the limit holds within a few %.
+    deadline = start + options.time_limit - max(options.time_limit * END_MARGIN,
+                                                3 * eval_seconds)
     best_name = min(scores, key=lambda name: scores[name][1])
     phy2log, best = scores[best_name]
     log.append("warm start " + ", ".join(f"{name} {value[1]:.6g}"
@@ -109,8 +113,9 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
                                     bound=best, objective_name=_objective_name(problem),
                                     log="; ".join(log))
     workers = int(params.get("workers", min(2, os.cpu_count() or 1)))
-    phy2log, sweeps, timed_out = local_search(problem, phy2log, deadline, options.seed,
-                                              workers, int(params.get("kicks", 2)))
+    phy2log, sweeps, timed_out = local_search(problem, phy2log, deadline - 2 * eval_seconds,
+                                              options.seed, workers,
+                                              int(params.get("kicks", 2)))
     value = objective(problem, phy2log)
     if value > best:  # rounding in incremental deltas; keep the warm start
         phy2log, value = scores[best_name][0], best
@@ -126,6 +131,18 @@ def _objective_name(problem: JointProblem) -> str:
             f"{problem.robust} over {problem.num_profiles} profile(s))")
 
 
+def profiles_by_label(trace: Trace, label: str) -> list[Profile]:
+    """One profile per value of the per-sequence label ``label`` (e.g. ``seq_category``).
+
+    Passed as ``params["profiles"]`` (with their token counts as weights), they make
+    ``joint`` minimise the expected objective over the sub-workloads, which hedges a static
+    placement against a change of the mix (drift) instead of fitting one aggregate.
+    """
+    values = sorted(set(trace._labels(label).tolist()))
+    return [profile_trace(trace.take_sequences(trace._labels(label) == value,
+                                               f"{label}={value}")) for value in values]
+
+
 def disagreement(profiles: list[Profile]) -> str:
     """How much the profiles disagree: per-layer load correlation between each pair."""
     if len(profiles) < 2:
@@ -139,15 +156,19 @@ def disagreement(profiles: list[Profile]) -> str:
 
 def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
                  problem: JointProblem, names, start: float
-                 ) -> dict[str, tuple[np.ndarray, float]]:
-    """Score each available, engine-loadable baseline placement with the objective."""
+                 ) -> tuple[dict[str, tuple[np.ndarray, float]], float]:
+    """Score each available, engine-loadable baseline placement with the objective.
+
+    Returns name -> (phy2log, objective) and the longest time one scoring took. A baseline
+    other than the instant ones is skipped once ``WARM_SHARE`` of the time limit is used.
+    """
     available = methods()
     budget = replace(options, time_limit=max(options.time_limit * WARM_SHARE, 0.1), params={})
-    scores = {}
+    scores, eval_seconds = {}, 0.0
     for name in names:
         if name not in available or name == "joint":
             continue
-        if name not in ("linear", "round_robin") and time.perf_counter() - start > (
+        if name not in INSTANT and time.perf_counter() - start > (
                 options.time_limit * WARM_SHARE):
             continue
         phy2log, _ = available[name](profile, cluster, budget)
@@ -157,11 +178,13 @@ def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
                       num_experts=profile.num_experts)
         except InputError:  # empty slots or shared GPUs: not a valid start
             continue
+        scored = time.perf_counter()
         scores[name] = (phy2log, objective(problem, phy2log))
+        eval_seconds = max(eval_seconds, time.perf_counter() - scored)
     if not scores:
         raise InputError("params", "warm_start", f"at least one of {', '.join(WARM_STARTS)}",
                          list(names))
-    return scores
+    return scores, eval_seconds
 
 
 def _count_choices(num_experts: int, num_gpus: int, slots_per_gpu: int) -> int:
@@ -272,6 +295,8 @@ def local_search(problem: JointProblem, phy2log: np.ndarray, deadline: float, se
                 elif problem.robust == "max" and any(delta.min() < 0 for _, delta in results):
                     # Parallel layers may together raise another profile: redo one by one.
                     for layer in phase:
+                        if time.perf_counter() >= deadline:
+                            break
                         totals = layer_costs(problem, phy2log).sum(axis=1)
                         X = fractions(problem, phy2log)
                         row, _ = _improve_task((layer, phy2log[layer],
@@ -421,16 +446,12 @@ class LayerSearch:
         G = self.problem.num_gpus
         if G <= 2:
             return np.zeros((self.problem.num_profiles, G, G))
-        order = np.argsort(-self.W, axis=1)[:, :3]                             # [Q, 3]
-        top = np.take_along_axis(self.W, order, axis=1)
-        a = np.arange(G)[:, None]
-        b = np.arange(G)[None, :]
-        out = np.empty((self.problem.num_profiles, G, G))
-        for q in range(self.problem.num_profiles):
-            first, second, third = order[q]
-            out[q] = np.where((a != first) & (b != first), top[q, 0],
-                              np.where((a != second) & (b != second), top[q, 1], top[q, 2]))
-        return out
+        order = np.argsort(-self.W, axis=1)[:, :3, None, None]                 # [Q, 3, 1, 1]
+        top = np.take_along_axis(self.W, order[:, :, 0, 0], axis=1)[:, :, None, None]
+        a, b = np.arange(G)[:, None], np.arange(G)[None, :]
+        outside = (a != order) & (b != order)                                  # [Q, 3, G, G]
+        return np.where(outside[:, 0], top[:, 0],
+                        np.where(outside[:, 1], top[:, 1], top[:, 2]))
 
     def _combined(self, change: np.ndarray) -> np.ndarray:
         """The objective's change for per-profile changes ``[Q, ...]``."""
@@ -438,28 +459,66 @@ class LayerSearch:
         if p.robust == "max":
             now = self.totals + self.delta
             return (now[:, None, None] + change).max(axis=0) - now.max()
-        return np.tensordot(p.weights, change, axes=1)
+        return np.einsum("q,q...->...", p.weights, change)
 
     def descend(self, deadline: float) -> None:
-        """Apply the best legal swap until none lowers the cost (or flattens loads at no
-        cost), the move cap or the deadline."""
-        for _ in range(MOVES_PER_SLOT * self.P):
-            if time.perf_counter() >= deadline:
-                return
+        """Apply improving swaps until none lowers the cost (or flattens loads at no cost),
+        the move cap or the deadline.
+
+        All swaps are scored at once; then the best ones on distinct GPU pairs are applied
+        in order, each re-scored exactly first (swaps interact through nodes and the
+        busiest GPU), so one scoring pays for up to G / 2 moves.
+        """
+        scale = max(abs(float(self.problem.combine(self.totals))), 1e-300)
+        moves = 0
+        while moves < MOVES_PER_SLOT * self.P and time.perf_counter() < deadline:
             change, flat, legal = self._deltas()
             total = np.where(legal, self._combined(change), np.inf)
-            s, t = np.unravel_index(int(np.argmin(total)), total.shape)
-            scale = max(abs(float(self.problem.combine(self.totals))), 1e-300)
-            if total[s, t] < -1e-12 * scale:
-                self._swap(s, t, change[:, s, t])
+            improving = np.flatnonzero(total < -1e-12 * scale)
+            if improving.size:
+                order = improving[np.argsort(total.ravel()[improving], kind="stable")]
+                moves += self._apply_batch(order, -1e-12 * scale)
                 continue
-            flat_total = np.where(legal & (total <= 0), np.tensordot(
-                self.problem.weights, flat, axes=1), np.inf)
+            flat_total = np.where(legal & (total <= 0),
+                                  np.einsum("q,q...->...", self.problem.weights, flat), np.inf)
             s, t = np.unravel_index(int(np.argmin(flat_total)), flat_total.shape)
-            if flat_total[s, t] < -self.flat_tolerance:
-                self._swap(s, t, change[:, s, t])
+            if flat_total[s, t] >= -self.flat_tolerance:
+                return
+            self._swap(s, t, change[:, s, t])
+            moves += 1
+
+    def _apply_batch(self, order: np.ndarray, threshold: float) -> int:
+        """Apply swaps from ``order`` (flat indices into [P, P], best first) that touch GPUs
+        no earlier swap of the batch touched and still improve when re-scored."""
+        used = np.zeros(self.problem.num_gpus, dtype=bool)
+        applied = 0
+        for index in order[: 4 * self.problem.num_gpus]:
+            s, t = divmod(int(index), self.P)
+            g1, g2 = self.gpu[s], self.gpu[t]
+            if used[g1] or used[g2]:
                 continue
-            return
+            change = self._swap_change(s, t)
+            if self._combined(change[:, None, None])[0, 0] < threshold:
+                self._swap(s, t, change)
+                used[g1] = used[g2] = True
+                applied += 1
+        return applied
+
+    def _swap_change(self, s: int, t: int) -> np.ndarray:
+        """``[Q]`` exact cost change of swapping items s and t now (a legal swap)."""
+        g1, g2 = self.gpu[s], self.gpu[t]
+        n1, n2 = self.node[g1], self.node[g2]
+        gain = (self.Kg[:, s, g2] - self.Kg[:, s, g1] + self.Kg[:, t, g1] - self.Kg[:, t, g2]
+                - 2 * self.Qg[:, s, t])
+        if n1 != n2:
+            gain += (self.Kn[:, s, n2] - self.Kn[:, s, n1] + self.Kn[:, t, n1]
+                     - self.Kn[:, t, n2] - 2 * self.Qn[:, s, t])
+        lin = self.lin[:, s, g2] - self.lin[:, s, g1] + self.lin[:, t, g1] - self.lin[:, t, g2]
+        moved = self.work[:, t] - self.work[:, s]
+        after = self.W.copy()
+        after[:, g1] += moved
+        after[:, g2] -= moved
+        return lin - gain + after.max(axis=1) - self.W.max(axis=1)
 
     def kick(self, rng: np.random.Generator, swaps: int) -> None:
         """Apply ``swaps`` random legal swaps (whatever they cost)."""
