@@ -5,7 +5,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetuner import InputError, PlaceOptions, Trace, make_cluster, place, profile_trace
+from moetuner import (
+    InputError,
+    PlaceOptions,
+    Trace,
+    load_trace,
+    make_cluster,
+    place,
+    profile_trace,
+)
 from moetuner.methods._joint_objective import (
     build_problem,
     fractions,
@@ -15,7 +23,12 @@ from moetuner.methods._joint_objective import (
     model_for,
     objective,
 )
-from moetuner.methods.joint import LayerSearch, enumerate_rows, exact_placement
+from moetuner.methods.joint import (
+    LayerSearch,
+    enumerate_rows,
+    exact_placement,
+    profiles_by_label,
+)
 
 
 def random_profile(layers, experts, k, tokens=400, seed=0, skew=2.0):
@@ -174,3 +187,17 @@ def test_profiles_of_another_shape_are_rejected():
                                                 random_profile(3, 8, 2)]})
     with pytest.raises(InputError):
         place(random_profile(2, 8, 2), make_cluster(2), "joint", options)
+
+
+def test_profiles_by_label_partition_the_trace():
+    trace = load_trace("data/gpt-oss-20b/slice.npz")
+    parts = profiles_by_label(trace, "seq_dataset")
+    values = set(trace.seq_labels["seq_dataset"].tolist())
+    assert len(parts) == len(values) >= 2
+    assert sum(p.tokens for p in parts) == trace.num_tokens
+    whole = profile_trace(trace)
+    assert np.array_equal(sum(p.load for p in parts), whole.load)
+    assert np.array_equal(sum(p.transitions_top1 for p in parts), whole.transitions_top1)
+    assert {p.provenance[0]["selection"] for p in parts} == {f"seq_dataset={v}" for v in values}
+    with pytest.raises(InputError):
+        profiles_by_label(trace, "seq_colour")
