@@ -47,5 +47,6 @@ def export_command(
     axis = LayerAxis.resolve(data.num_layers, get_model(model) if model else None,
                              num_hidden_layers, parse_layer_list(dense_layers))
     written, flags = export(data, fmt, output, axis)
-    console.print(f"wrote {', '.join(map(str, written))}", highlight=False)
-    console.print(flags, markup=False, highlight=False)
+    # soft_wrap: the flags stay on one line, ready to copy.
+    console.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+    console.print(flags, markup=False, highlight=False, soft_wrap=True)
