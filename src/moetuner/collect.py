@@ -129,7 +129,9 @@ def collect_batch(model: Any, tokenizer: Any, texts: list[str], max_length: int,
                                min_new_tokens=decode_tokens, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
             else:
-                model(**batch)
+                # Positions count real tokens only, as generate does under left padding.
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                model(**batch, position_ids=positions)
         passes = recorder.take()
     finally:
         recorder.remove()
