@@ -8,11 +8,11 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from moetuner.cli import run  # noqa: E402
-from moetuner.collect import collect, find_routers, read_texts  # noqa: E402
+from moetuner.collect import collect_trace, find_routers, read_texts  # noqa: E402
 from moetuner.errors import InputError  # noqa: E402
 from moetuner.trace import load_trace  # noqa: E402
 
-WORDS = "the a cat dog sat on mat and ran far away".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away"]
 TEXTS = ["the cat sat on the mat", "a dog ran", "the dog ran far away and sat on a mat"]
 COMMON = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
               num_attention_heads=2, num_key_value_heads=2, head_dim=16,
@@ -64,7 +64,7 @@ def test_recorded_trace_equals_router_outputs(arch, tmp_path):
     inputs = [[] for _ in routers]
     hooks = [r.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0]))
              for i, r in enumerate(routers)]
-    trace = collect(model, tokenizer, TEXTS, tmp_path / "t.npz", batch_size=1,
+    trace = collect_trace(model, tokenizer, TEXTS, tmp_path / "t.npz", batch_size=1,
                     decode_tokens=3)
     for hook in hooks:
         hook.remove()
@@ -89,14 +89,14 @@ def test_recorded_trace_equals_router_outputs(arch, tmp_path):
 
 def test_mixtral_weights_are_renormalised_softmax(tmp_path):
     model, tokenizer = tiny_model("mixtral"), tiny_tokenizer()
-    trace = collect(model, tokenizer, TEXTS[:1], tmp_path / "t.npz")
+    trace = collect_trace(model, tokenizer, TEXTS[:1], tmp_path / "t.npz")
     assert np.allclose(trace.topk_weights.sum(axis=2), 1.0, atol=1e-5)
 
 
 def test_batching_with_padding_matches_one_by_one(tmp_path):
     model, tokenizer = tiny_model("qwen3_moe"), tiny_tokenizer()
-    one = collect(model, tokenizer, TEXTS, tmp_path / "one.npz", batch_size=1)
-    batched = collect(model, tokenizer, TEXTS, tmp_path / "all.npz", batch_size=3)
+    one = collect_trace(model, tokenizer, TEXTS, tmp_path / "one.npz", batch_size=1)
+    batched = collect_trace(model, tokenizer, TEXTS, tmp_path / "all.npz", batch_size=3)
     assert np.array_equal(one.topk_ids, batched.topk_ids)
     assert np.allclose(one.topk_weights, batched.topk_weights, atol=1e-4)
 

@@ -11,7 +11,6 @@ from moetuner.export import (
     LayerAxis,
     check_sglang,
     check_vllm_ascend,
-    export,
     placement_from_expert_gpu,
     read_megatron,
     read_sglang,
@@ -19,6 +18,7 @@ from moetuner.export import (
     read_vllm,
     read_vllm_ascend,
     sidecar_path,
+    write_engine_files,
 )
 from moetuner.models import get_model
 from moetuner.placement import Placement
@@ -37,7 +37,7 @@ def example(**kwargs) -> Placement:
 def test_sglang_round_trip_with_dense_layers(tmp_path):
     out = tmp_path / "p.json"
     axis = LayerAxis.resolve(2, num_hidden_layers=4, dense_layers=(0, 2))
-    written, flags = export(example(), "sglang", out, axis)
+    written, flags = write_engine_files(example(), "sglang", out, axis)
     assert written == [out, tmp_path / "p.meta.json"]
     data = json.loads(out.read_text())
     assert list(data) == ["physical_to_logical_map"]
@@ -57,7 +57,7 @@ def test_sglang_layer_axis_from_model_preset(tmp_path):
     phy2log = np.tile(np.arange(256), (spec.num_moe_layers, 1))
     placement = Placement(phy2log=phy2log, num_gpus=8, num_experts=256)
     out = tmp_path / "v3.json"
-    export(placement, "sglang", out, LayerAxis.resolve(placement.num_layers, spec))
+    write_engine_files(placement, "sglang", out, LayerAxis.resolve(placement.num_layers, spec))
     rows = check_sglang(json.loads(out.read_text()), 61, 256, 8)
     assert rows.shape == (61, 256)
     assert np.array_equal(read_sglang(out).phy2log, phy2log)
@@ -82,7 +82,7 @@ def test_sglang_count_round_trip(tmp_path):
     profile = Profile.from_load(np.array([[5, 1, 0, 2], [3, 3, 1, 1]]), top_k=1)
     axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
     out = tmp_path / "count.json"
-    export(profile, "sglang-count", out, axis)
+    write_engine_files(profile, "sglang-count", out, axis)
     assert json.loads(out.read_text()) == {"logical_count": [[0, 0, 0, 0], [5, 1, 0, 2],
                                                              [3, 3, 1, 1]]}
     assert np.array_equal(read_sglang_count(out, axis, 4).load, profile.load)
@@ -91,7 +91,7 @@ def test_sglang_count_round_trip(tmp_path):
 def test_vllm_round_trip_and_records(tmp_path):
     out = tmp_path / "v.json"
     axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
-    written, flags = export(example(), "vllm", out, axis)
+    written, flags = write_engine_files(example(), "vllm", out, axis)
     assert json.loads(out.read_text()) == PHY2LOG.tolist()
     records = [json.loads(line) for line in written[1].read_text().splitlines()]
     assert [r["eplb_initial_mapping"]["layer"] for r in records] == [1, 2]
@@ -102,7 +102,7 @@ def test_vllm_round_trip_and_records(tmp_path):
 
 def test_vllm_ascend_round_trip(tmp_path):
     out = tmp_path / "a.json"
-    export(example(), "vllm-ascend", out)
+    write_engine_files(example(), "vllm-ascend", out)
     data = json.loads(out.read_text())
     assert data["moe_layer_count"] == 2
     assert data["layer_list"][1]["device_list"][1] == {"device_id": 1,
@@ -134,7 +134,7 @@ def test_vllm_ascend_shape_rules(data):
 
 def test_megatron_refuses_replicas(tmp_path):
     with pytest.raises(InputError, match="no replicas"):
-        export(example(), "megatron", tmp_path / "m.npy")
+        write_engine_files(example(), "megatron", tmp_path / "m.npy")
     assert not (tmp_path / "m.npy").exists()
 
 
@@ -144,9 +144,9 @@ def test_megatron_round_trip_with_empty_slots(tmp_path):
     placement = Placement(phy2log=phy2log, num_gpus=2, num_experts=4, allow_empty_slots=True)
     for fmt in ("sglang", "vllm", "vllm-ascend"):
         with pytest.raises(InputError, match="megatron"):
-            export(placement, fmt, tmp_path / f"{fmt}.json")
+            write_engine_files(placement, fmt, tmp_path / f"{fmt}.json")
     out = tmp_path / "m.npy"
-    export(placement, "megatron", out)
+    write_engine_files(placement, "megatron", out)
     assert np.load(out).tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
     back = read_megatron(out, num_gpus=2)
     assert np.array_equal(back.replicas_on_gpu, placement.replicas_on_gpu)
@@ -177,16 +177,16 @@ def test_every_format_round_trips(tmp_path_factory, placement, dense):
     tmp = tmp_path_factory.mktemp("rt")
     axis = LayerAxis.resolve(placement.num_layers, num_hidden_layers=placement.num_layers + dense,
                              dense_layers=tuple(range(dense)))
-    export(placement, "sglang", tmp / "s.json", axis)
-    export(placement, "vllm", tmp / "v.json", axis)
-    export(placement, "vllm-ascend", tmp / "a.json", axis)
+    write_engine_files(placement, "sglang", tmp / "s.json", axis)
+    write_engine_files(placement, "vllm", tmp / "v.json", axis)
+    write_engine_files(placement, "vllm-ascend", tmp / "a.json", axis)
     for back in (read_sglang(tmp / "s.json"),
                  read_vllm(tmp / "v.json", placement.num_gpus, placement.num_experts),
                  read_vllm_ascend(tmp / "a.json", placement.num_experts)):
         assert np.array_equal(back.phy2log, placement.phy2log)
         assert back.num_gpus == placement.num_gpus
     if (placement.logcnt == 1).all():
-        export(placement, "megatron", tmp / "m.npy")
+        write_engine_files(placement, "megatron", tmp / "m.npy")
         back = read_megatron(tmp / "m.npy", placement.num_gpus)
         assert np.array_equal(back.replicas_on_gpu, placement.replicas_on_gpu)
 

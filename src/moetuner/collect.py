@@ -174,7 +174,7 @@ def load_model(name: str, device: str | None = None) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
-def collect(model: Any, tokenizer: Any, texts: list[str], out: str | os.PathLike,
+def collect_trace(model: Any, tokenizer: Any, texts: list[str], out: str | os.PathLike,
             datasets: list[str] | None = None, batch_size: int = 8, max_length: int = 512,
             decode_tokens: int = 0, progress: Callable[[int], None] | None = None) -> Trace:
     """Record the routing of ``texts`` through ``model`` into the trace file ``out``.

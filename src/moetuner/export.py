@@ -311,7 +311,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.meta.json")
 
 
-def export(source: Placement | Profile, fmt: str, out: str | os.PathLike,
+def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.PathLike,
            axis: LayerAxis | None = None) -> tuple[list[Path], str]:
     """Write ``source`` in engine format ``fmt`` to ``out`` (and sidecars), atomically.
 

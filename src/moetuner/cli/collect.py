@@ -9,7 +9,7 @@ import typer
 
 from moetuner.cli import command, console
 from moetuner.cli.options import token_progress
-from moetuner.collect import collect, load_model, read_texts
+from moetuner.collect import collect_trace, load_model, read_texts
 
 
 @command("collect")
@@ -31,7 +31,7 @@ def collect_command(
     loaded, tokenizer = load_model(model, device)
     progress, advance = token_progress(len(texts), f"routing {len(texts)} prompts")
     with progress:
-        trace = collect(loaded, tokenizer, texts, output, datasets, batch_size, max_length,
+        trace = collect_trace(loaded, tokenizer, texts, output, datasets, batch_size, max_length,
                         decode_tokens, advance)
     console.print(f"recorded {trace.num_tokens} tokens x {trace.num_layers} MoE layers, "
                   f"top-{trace.top_k} of {trace.num_experts} experts -> {output}",

@@ -10,7 +10,7 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.options import profile_with_progress
 from moetuner.errors import InputError
-from moetuner.export import FORMATS, LayerAxis, export
+from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.models import get_model
 from moetuner.placement import load_placement
 
@@ -46,7 +46,7 @@ def export_command(
         data = load_placement(source)
     axis = LayerAxis.resolve(data.num_layers, get_model(model) if model else None,
                              num_hidden_layers, parse_layer_list(dense_layers))
-    written, flags = export(data, fmt, output, axis)
+    written, flags = write_engine_files(data, fmt, output, axis)
     # soft_wrap: the flags stay on one line, ready to copy.
     console.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
     console.print(flags, markup=False, highlight=False, soft_wrap=True)
