@@ -63,19 +63,42 @@ def test_sglang_layer_axis_from_model_preset(tmp_path):
     assert np.array_equal(read_sglang(out).phy2log, phy2log)
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"physical_to_logical_map": [[0, 1, 2, 3]] * 2, "note": 1}, "keys"),
-    ({"physical_to_logical_map": [[0, 1, 2, 3]] * 3}, "physical_to_logical_map"),
-    ({"physical_to_logical_map": [[0, 1, 2]] * 2}, "physical_to_logical_map"),
-    ({"physical_to_logical_map": [[0, 1, 2, 4]] * 2}, "physical_to_logical_map"),
-    ({"physical_to_logical_map": [[0, 1, 2, 3], [0, 1]]}, "physical_to_logical_map"),
-    ({"logical_count": [[1, 2, 3]] * 2}, "logical_count"),
-    ([[0, 1, 2, 3]], "keys"),
+MAP = "physical_to_logical_map"
+
+
+@pytest.mark.parametrize("data, redundant, field", [
+    ({MAP: [[0, 1, 2, 3]] * 2, "note": 1}, None, "keys"),           # extra key
+    ({MAP: [[0, 1, 2, 3]] * 3}, None, MAP),                          # 3 rows for 2 layers
+    ({MAP: [[0, 1, 2]] * 2}, None, MAP),                             # fewer slots than E
+    ({MAP: [[0, 1, 2, 4]] * 2}, None, MAP),                          # id out of range
+    ({MAP: [[0, 1, 2, 3], [0, 1]]}, None, MAP),                      # ragged rows
+    ({MAP: [[0, 1, 2, 2]] * 2}, None, MAP),                          # expert 3 missing
+    ({MAP: [[0, 1, 2, 3, 0, 1, 2, 3]] * 2}, 2, MAP),                 # 8 slots, not E + R = 6
+    ({"logical_count": [[1, 2, 3]] * 2}, None, "logical_count"),     # 3 experts, not 4
+    ({"logical_count": [[1, 2, 3, -4]] * 2}, None, "logical_count"),
+    ([[0, 1, 2, 3]], None, "keys"),
 ])
-def test_sglang_loader_mirror_rejects(data, field):
+def test_sglang_loader_mirror_rejects(data, redundant, field):
     with pytest.raises(InputError) as err:
-        check_sglang(data, num_hidden_layers=2, num_experts=4, num_gpus=2)
+        check_sglang(data, num_hidden_layers=2, num_experts=4, num_gpus=2,
+                     num_redundant=redundant)
     assert err.value.field == field
+
+
+def test_sglang_loader_mirror_accepts():
+    rows = check_sglang({MAP: [[0, 1, 2, 3, 0, 1, 2, 3]] * 2}, 2, 4, 2, num_redundant=4)
+    assert rows.shape == (2, 8)
+
+
+def test_sglang_loader_mirror_accepts_steps_of_counts():
+    counts = check_sglang({"logical_count": [[[1, 2], [0, 1]], [[1, 0], [2, 2]]]}, 2, 2, 1)
+    assert counts.tolist() == [[2, 2], [2, 3]]
+
+
+def test_sglang_output_must_end_in_json(tmp_path):
+    with pytest.raises(InputError, match="inline JSON"):
+        write_engine_files(example(), "sglang", tmp_path / "p.txt")
+    assert not list(tmp_path.iterdir())
 
 
 def test_sglang_count_round_trip(tmp_path):

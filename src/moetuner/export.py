@@ -95,12 +95,18 @@ def sglang_sidecar(placement: Placement, axis: LayerAxis) -> dict:
 
 
 def check_sglang(data: object, num_hidden_layers: int, num_experts: int, num_gpus: int,
-                 source: str = "<sglang>") -> np.ndarray:
+                 num_redundant: int | None = None, source: str = "<sglang>") -> np.ndarray:
     """Mirror SGLang's ``--init-expert-location`` loader on a parsed JSON file.
 
-    Returns ``physical_to_logical_map [num_hidden_layers, P]`` (or ``logical_count
-    [num_hidden_layers, E]``) after checking: exactly one known key, one row per hidden layer,
-    equal rows, P a multiple of the GPUs and at least E, ids in ``[0, E)``.
+    SGLang passes the dict as keyword arguments, so exactly one known key is allowed. For
+    ``physical_to_logical_map``: one row per hidden layer, P = E + R slots per row (R =
+    ``--ep-num-redundant-experts`` when given), P a multiple of the GPUs, ids in ``[0, E)``
+    and every expert in every row (SGLang's dispatch map needs a replica of each). For
+    ``logical_count``: ``[num_hidden_layers, E]`` or ``[steps, num_hidden_layers, E]``
+    non-negative counts.
+
+    Returns ``physical_to_logical_map [num_hidden_layers, P]`` or ``logical_count
+    [num_hidden_layers, E]`` (summed over steps).
     """
     keys = ("physical_to_logical_map", "logical_count")
     if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in keys:
@@ -111,21 +117,31 @@ def check_sglang(data: object, num_hidden_layers: int, num_experts: int, num_gpu
         array = np.asarray(rows, dtype=np.float64 if key == "logical_count" else np.int64)
     except (TypeError, ValueError):
         raise InputError(source, key, "a rectangular list of number lists") from None
-    if array.ndim != 2 or array.shape[0] != num_hidden_layers:
-        raise InputError(source, key, f"[{num_hidden_layers} hidden layers, width]",
-                         list(array.shape))
     if key == "logical_count":
-        if array.shape[1] != num_experts or (array < 0).any():
-            raise InputError(source, key, f"non-negative counts over {num_experts} experts",
-                             list(array.shape))
+        if array.ndim == 3:
+            array = array.sum(axis=0)
+        if array.shape != (num_hidden_layers, num_experts) or (array < 0).any():
+            raise InputError(source, key, f"non-negative counts [{num_hidden_layers} hidden "
+                             f"layers, {num_experts} experts]", list(array.shape))
         return array
+    if array.ndim != 2 or array.shape[0] != num_hidden_layers:
+        raise InputError(source, key, f"[{num_hidden_layers} hidden layers, slots]",
+                         list(array.shape))
     width = array.shape[1]
-    if width < num_experts or width % num_gpus:
-        raise InputError(source, key, f"a row width >= {num_experts} experts and divisible by "
-                         f"{num_gpus} GPUs", width)
+    slots = num_experts + (num_redundant or 0)
+    if (num_redundant is not None and width != slots) or width < num_experts \
+            or width % num_gpus:
+        raise InputError(source, key, f"rows of {slots if num_redundant is not None else 'E + R'}"
+                         f" slots (E = {num_experts}), divisible by {num_gpus} GPUs", width)
     if array.min() < 0 or array.max() >= num_experts:
         raise InputError(source, key, f"ids in [0, {num_experts})",
                          f"[{array.min()}, {array.max()}]")
+    present = np.zeros((num_hidden_layers, num_experts), dtype=bool)
+    present[np.arange(num_hidden_layers)[:, None], array] = True
+    if not present.all():
+        layer, expert = np.argwhere(~present)[0]
+        raise InputError(source, key, "every expert in every layer's row",
+                         f"expert {expert} missing in layer {layer}")
     return array
 
 
@@ -139,7 +155,7 @@ def read_sglang(path: str | os.PathLike, meta_path: str | os.PathLike | None = N
         raise InputError(meta_path, "format", f'"{SIDECAR_FORMAT}"')
     phy2log = check_sglang(_read_json(path, "an SGLang placement JSON"),
                            meta["num_hidden_layers"], meta["num_experts"], meta["num_gpus"],
-                           str(path))
+                           meta.get("ep_num_redundant_experts"), str(path))
     return Placement(phy2log=phy2log[meta["moe_layers"]], num_gpus=meta["num_gpus"],
                      num_experts=meta["num_experts"], metadata=meta.get("metadata", {}),
                      allow_shared_gpu=bool(meta.get("allow_shared_gpu", False)),
@@ -157,7 +173,7 @@ def to_sglang_count(profile: Profile, axis: LayerAxis) -> dict:
 def read_sglang_count(path: str | os.PathLike, axis: LayerAxis, num_experts: int) -> Profile:
     """Read a ``logical_count`` file back into a loads-only profile of the MoE layers."""
     load = check_sglang(_read_json(path, "an SGLang logical_count JSON"), axis.num_hidden_layers,
-                        num_experts, 1, str(path))
+                        num_experts, 1, source=str(path))
     return Profile.from_load(load[list(axis.moe_layers)], source=str(path))
 
 
@@ -327,6 +343,9 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
     if fmt not in FORMATS:
         raise InputError("--format", "format", f"one of {', '.join(FORMATS)}", repr(fmt))
     out = Path(out)
+    if fmt.startswith("sglang") and out.suffix != ".json":
+        raise InputError("-o", "output", "a path ending in .json (SGLang parses any other "
+                         "--init-expert-location value as inline JSON)", str(out))
     want_profile = fmt == "sglang-count"
     if want_profile != isinstance(source, Profile):
         raise InputError(getattr(source, "source", "<input>"), "input",
