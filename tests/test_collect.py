@@ -126,6 +126,15 @@ def test_cli_collect_bad_inputs(tmp_path, capsys):
     assert not (tmp_path / "t.npz").exists()
 
 
+def test_router_bypassed_is_a_clear_error(tmp_path):
+    model, tokenizer = tiny_model("qwen3_moe"), tiny_tokenizer()
+    # A fused kernel that never calls the second router: its hook records nothing.
+    model.model.layers[1].mlp.forward = lambda hidden: hidden
+    with pytest.raises(InputError, match="once per forward pass"):
+        collect_trace(model, tokenizer, TEXTS[:1], tmp_path / "t.npz")
+    assert not (tmp_path / "t.npz").exists()
+
+
 def test_read_texts(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("first\n\nsecond\n")

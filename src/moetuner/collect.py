@@ -95,6 +95,12 @@ class RouterRecorder:
         """All recorded passes as ``(ids [n, L, k], weights [n, L, k])``, then forget them."""
         import torch
 
+        counts = {len(layer) for layer in self.layers}
+        if counts != {self.passes()} or not self.passes():
+            raise InputError("--model", "routers", "every MoE layer's router called once per "
+                             "forward pass (a fused kernel that bypasses the router module "
+                             "hides the routing; load the model without hub kernels)",
+                             f"calls per layer {[len(layer) for layer in self.layers]}")
         out = []
         for step in range(self.passes()):
             ids = torch.stack([layer[step][0] for layer in self.layers], dim=1)
