@@ -3,10 +3,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moetuner import readers
+from moetuner.cli import run
 from moetuner.errors import InputError
 from moetuner.inputs import is_trace, read_profile, read_trace
+from moetuner.profile import load_profile
 
 # Two requests through 2 MoE layers, top-2 of E = 4 experts.
 REQUESTS = [np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]], [[3, 0], [1, 2]]]),
@@ -164,3 +168,33 @@ def test_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"moetuner\[torch\]"):
         read_trace(path)
     readers._load_pt.cache_clear()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 4), st.integers(0, 2**16))
+def test_sglang_per_token_inverts_any_physical_choice(tmp_path_factory, layers, experts,
+                                                      redundant, seed):
+    """Logical ids sent through random replicas of a random map come back unchanged."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    phys_map = np.stack([rng.permutation(np.concatenate(
+        [np.arange(experts), rng.integers(0, experts, redundant)])) for _ in range(layers)])
+    logical = np.argsort(rng.random((5, layers, experts)), axis=2)[:, :, :2]   # [t, L, k]
+    # A random physical slot holding each logical expert (a random key picks among replicas).
+    holds = phys_map[None, :, None, :] == logical[..., None]                  # [t, L, k, P]
+    physical = np.argmax(holds * rng.random(holds.shape), axis=3)
+    path = tmp_path_factory.mktemp("pt") / "d.pt"
+    torch.save({"records": [{"topk_ids_of_layer": torch.from_numpy(
+                    physical.transpose(1, 0, 2).astype(np.int32))}],
+                "last_physical_to_logical_map": torch.from_numpy(phys_map)}, path)
+    trace = read_trace(path)
+    assert np.array_equal(trace.topk_ids, logical)
+
+
+def test_cli_profile_reads_engine_dumps(tmp_path):
+    folder = tmp_path / "routed"
+    folder.mkdir()
+    np.save(folder / "r0.npy", REQUESTS[0])
+    out = tmp_path / "prof.npz"
+    assert run(["profile", str(folder), "-o", str(out)]) == 0
+    assert load_profile(out).load.tolist() == [[2, 2, 1, 1], [1, 1, 2, 2]]
