@@ -14,6 +14,7 @@ from moetuner.methods import PlaceOptions, SolveRecord, methods, place
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.profile import Profile, load_profile, profile_trace
+from moetuner.synth import SynthFit, is_synthetic, synthesis_fit, synthesize_trace
 from moetuner.trace import Trace, load_trace
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
     "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
     "FORMATS", "LayerAxis", "collect_trace", "rebalance_experts", "write_engine_files",
+    "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace",
 ]
