@@ -36,8 +36,11 @@ def test_vllm_npz_and_jsonl_agree(tmp_path):
     jsonl = tmp_path / "routed.jsonl"
     jsonl.write_text("".join(json.dumps({"request_id": f"r{i}", "routed_experts": a.tolist()})
                              + "\n" for i, a in enumerate(REQUESTS)))
-    a, b = read_trace(npz), read_trace(jsonl)
-    assert np.array_equal(a.topk_ids, b.topk_ids)
+    nested = tmp_path / "outputs.jsonl"
+    nested.write_text("".join(json.dumps({"request_id": f"r{i}", "outputs": [
+        {"text": "...", "routed_experts": a.tolist()}]}) + "\n" for i, a in enumerate(REQUESTS)))
+    a, b, c = read_trace(npz), read_trace(jsonl), read_trace(nested)
+    assert np.array_equal(a.topk_ids, b.topk_ids) and np.array_equal(a.topk_ids, c.topk_ids)
     assert a.seq_labels["seq_request"].tolist() == b.seq_labels["seq_request"].tolist()
 
 

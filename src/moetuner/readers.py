@@ -8,8 +8,9 @@ Traces (per-token routing):
   ``last_physical_to_logical_map`` int ``[num_layers, P]``. Layers whose ids are all negative
   (dense layers, never routed) are dropped; each record becomes one sequence.
 - vLLM ``routed_experts`` int ``[seq_len, layers, topk]`` per request: a directory of
-  ``.npy`` files, one ``.npz`` (one array per request), or a JSONL file with a
-  ``routed_experts`` field per line. Each request is one sequence (label ``seq_request``).
+  ``.npy`` files, one ``.npz`` (one array per request), or a JSONL file with one request per
+  line (``routed_experts`` at the top level or in its first ``outputs`` / ``choices``
+  entry). Each request is one sequence (label ``seq_request``).
 - ExFlow: an integer ``.npy`` ``[tokens, layers]`` of top-1 experts.
 
 Profiles (loads only):
@@ -200,12 +201,22 @@ def read_vllm_jsonl(path: Path, select: Sequence[str] = (), drop: Sequence[str] 
             continue
         try:
             request = json.loads(line)
-            arrays.append(np.asarray(request["routed_experts"]))
-        except (ValueError, KeyError, TypeError):
+            arrays.append(np.asarray(_routed_experts(request)))
+        except (ValueError, KeyError, TypeError, IndexError):
             raise InputError(path, f"line {number}", 'a JSON object with "routed_experts" '
-                             "[seq_len, layers, topk]") from None
+                             "[seq_len, layers, topk] (top level, or in its first outputs / "
+                             "choices entry)") from None
         names.append(str(request.get("request_id", number - 1)))
     return _requests_trace(arrays, names, path).select(select, drop)
+
+
+def _routed_experts(request: dict) -> object:
+    """The ``routed_experts`` of a saved request: top level, or in the first completion of a
+    saved engine output (``outputs``) or API response (``choices``)."""
+    for key in ("outputs", "choices"):
+        if "routed_experts" not in request and key in request:
+            request = request[key][0]
+    return request["routed_experts"]
 
 
 # ---------------------------------------------------------------- ExFlow and plain loads
