@@ -5,7 +5,10 @@ transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> 
 """
 
 from moetuner.cluster import Cluster, GPUSpec, make_cluster
+from moetuner.collect import collect_trace
+from moetuner.eplb import rebalance_experts
 from moetuner.errors import InputError
+from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
 from moetuner.models import ModelSpec, get_model
@@ -18,5 +21,6 @@ __all__ = [
     "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
     "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
     "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
+    "FORMATS", "LayerAxis", "collect_trace", "rebalance_experts", "write_engine_files",
     "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace",
 ]
