@@ -11,6 +11,7 @@ from moetuner.errors import InputError
 from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
+from moetuner.methods.joint import profiles_by_label
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.profile import Profile, load_profile, profile_trace
@@ -22,5 +23,5 @@ __all__ = [
     "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
     "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
     "FORMATS", "LayerAxis", "collect_trace", "rebalance_experts", "write_engine_files",
-    "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace",
+    "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace", "profiles_by_label",
 ]

@@ -251,8 +251,10 @@ def _top_sum(matrix: np.ndarray, count: int, axis: int) -> np.ndarray:
 def lower_bound(problem: JointProblem, num_redundant: int) -> float:
     """A lower bound on ``objective`` over all placements with ``num_redundant`` replicas.
 
-    Per layer: the slowest GPU does at least the mean work and at least the hottest expert's
-    work split over its most possible copies (min(G, R + 1)); an expert shares a GPU with at
+    Per layer: the slowest GPU does at least the mean work, and at least the hottest
+    expert's work plus S - 1 of the lightest slots (without replicas: the S - 1 lightest
+    experts; with them, the lightest expert's work, all over the most possible copies
+    min(G, R + 1)); an expert shares a GPU with at
     most S - 1 others (a node with S G/N - 1), so its co-activation saving is at most its
     S - 1 largest pair counts; a primary expert's stay saving is at most its S largest
     follow counts (and, by columns, each next-layer expert's). Replicas only split savings.
@@ -261,7 +263,12 @@ def lower_bound(problem: JointProblem, num_redundant: int) -> float:
     G, N, S = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
     per_node = S * (G // N)
     copies = min(G, num_redundant + 1)
-    compute = np.maximum(problem.work.sum(axis=2) / G, problem.work.max(axis=2) / copies)
+    # The GPU serving the hottest expert also serves S - 1 other slots, each at least the
+    # lightest expert's work over its most possible copies.
+    hottest = (problem.work.max(axis=2) + (S - 1) * problem.work.min(axis=2)) / copies
+    if num_redundant == 0:
+        hottest = problem.work.max(axis=2) - _top_sum(-problem.work, S - 1, 2)
+    compute = np.maximum(problem.work.sum(axis=2) / G, hottest)
     kT = problem.top_k * problem.tokens[:, None]
     half_pairs = 0.5 * problem.coact.sum(axis=(2, 3))
     save_gpu = np.minimum(half_pairs, 0.5 * _top_sum(problem.coact, S - 1, 3).sum(axis=2))
