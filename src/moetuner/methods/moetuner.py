@@ -494,6 +494,9 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     workers = int(params.get("workers", 1))
     num_gpus, num_layers = cluster.num_gpus, profile.num_layers
     slots = options.slots_per_gpu(profile.num_experts, num_gpus)
+    if sizes_mode == "free" and algorithm == "dp":
+        raise InputError("--param", "ilp2", "cpsat or heuristic with free sizes (the DP "
+                         "cannot hold the memory-balance constraint)", "dp")
     if sizes_mode == "free" and options.redundant:
         raise InputError("--redundant", "redundant",
                          "0 with free cluster sizes (the paper's option A has no replicas)",
@@ -550,9 +553,6 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         used = algorithm
         if algorithm == "auto":
             used = "dp" if fits_dp else "cpsat" if fits_cpsat else "heuristic"
-        if used == "dp" and free_sizes is not None:
-            raise InputError("--param", "ilp2", "cpsat or heuristic with free sizes (the DP "
-                             "cannot hold the memory-balance constraint)", "dp")
         if used == "dp":
             gpu_of_cluster, objective = solve_traffic_dp(traffic, cost)
             bound, stage2_status = objective, "optimal"
