@@ -8,6 +8,7 @@ from moetuner.cluster import Cluster, GPUSpec, make_cluster
 from moetuner.errors import InputError
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
+from moetuner.methods.moetuner import balance_objective, traffic_objective
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.profile import Profile, load_profile, profile_trace
@@ -15,6 +16,7 @@ from moetuner.trace import Trace, load_trace
 
 __all__ = [
     "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
-    "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
+    "SolveRecord", "Trace", "balance_objective", "get_model", "load_placement", "load_profile",
+    "load_trace", "make_cluster", "methods", "place", "profile_trace", "read_profile",
+    "read_trace", "traffic_objective",
 ]
