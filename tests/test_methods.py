@@ -19,6 +19,8 @@ from moetuner.methods.moetuner import (
     _initial_assignment,
     balance_objective,
     cluster_traffic,
+    improve_balance_by_swaps,
+    placement_traffic,
     solve_balance,
     solve_traffic_cpsat,
     solve_traffic_dp,
@@ -118,11 +120,9 @@ def test_moetuner_objective_is_its_placements_traffic():
     for params in ({}, {"ilp2": "cpsat"}, {"ilp2": "heuristic"}):
         placement, record = place(profile, make_cluster(2), "moetuner",
                                   PlaceOptions(time_limit=5, params=params))
-        share = placement.replicas_on_gpu / placement.logcnt[:, :, None]
-        traffic = cluster_traffic(profile.transitions_top1.astype(float), share)
-        identity = np.tile(np.arange(2), (3, 1))
         cost = make_cluster(2).link_cost()
-        assert record.objective == pytest.approx(traffic_objective(traffic, cost, identity))
+        assert record.objective == pytest.approx(
+            placement_traffic(placement, profile.transitions_top1, cost))
     assert "dp" in place(profile, make_cluster(2), "moetuner")[1].log
 
 
@@ -174,8 +174,10 @@ def test_time_limit_returns_valid_placement_no_worse_than_warm_start(ilp2):
     options = PlaceOptions(time_limit=0.05, params={"ilp2": ilp2, "stage1_share": 0.0})
     placement, record = place(profile, cluster, "moetuner", options)
     assert record.status in ("heuristic", "time_limit")
-    # Stage 1 without a budget is the greedy packing; rebuild the warm start from it.
-    clusters, _ = balanced_packing(profile.load.astype(float), 8)
+    # Stage 1 without a budget is greedy packing plus swaps; rebuild the warm start from it.
+    weight = profile.load.astype(float)
+    clusters = np.stack([improve_balance_by_swaps(w, c, 8)
+                         for w, c in zip(weight, balanced_packing(weight, 8)[0], strict=True)])
     share = np.zeros((6, 16, 8))
     np.put_along_axis(share, clusters[:, :, None], 1.0, axis=2)
     traffic = cluster_traffic(profile.transitions_top1.astype(float), share)

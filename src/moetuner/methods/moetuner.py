@@ -7,12 +7,13 @@ SGLang, vLLM and Megatron need the same number of expert slots on every GPU in e
 Option A (``sizes="free"``, the paper's): any size of at least one expert; the placement then
 pads GPUs with empty slots (-1) and no engine can load it. Warm start: greedy longest-first
 packing (EPLB's ``balanced_packing``); CP-SAT polishes with that complete hint, clusters
-ordered by load to break their symmetry (the hint relabelled to match).
+ordered by load to break their symmetry (the hint relabelled to match). Before CP-SAT the
+greedy answer is improved by best-improvement swaps of two experts (milliseconds).
 
 Stage 2, ILP 2 across layers (traffic): choose per layer a permutation of its clusters onto
 the GPUs minimising ``sum_l max_{g != h} cost[g, h] * traffic_l(g, h)``, where
 ``traffic_l(g, h)`` counts tokens going from the cluster on GPU g in layer l to the cluster on
-GPU h in layer l+1 and ``cost`` is the cluster's relative link cost (1 inside a node, the
+GPU h in layer l+1 and ``cost`` is the relative cost of that link (1 inside a node, the
 NVLink / network bandwidth ratio across nodes). Solved by, in order of preference:
 
 - ``dp`` (exact, the default when G! <= ``dp_max_states``, 720): a shortest path over layers
@@ -47,9 +48,10 @@ Traffic counts: ``transitions_top1`` (a token moves with its primary expert, the
 model) when the profile has it, else the k x k ``transitions``; ``params["transitions"]``
 (``top1`` / ``topk``) overrides. A loads-only profile skips stage 2.
 
-Time: stage 1 gets ``stage1_share`` (0.4) of ``time_limit``, split over layers; stage 2 the
-rest. Both stop at ``options.gap`` (the paper's 2.5%). CP-SAT limits are deterministic work
-limits (see ``_cpsat``), so the same inputs and seed give the same placement.
+Time: stage 1 gets ``stage1_share`` of ``time_limit`` (0.9 when stage 2 is the exact DP,
+else 0.4), split over layers; stage 2 the rest. Both stop at ``options.gap`` (the paper's
+2.5%). CP-SAT limits are deterministic work limits (see ``_cpsat``), so the same inputs and
+seed give the same placement.
 
 Record: objective = stage 2's (bound and gap where proved); status ``optimal`` when both
 stages proved their gap, ``heuristic`` when a stage had no solver run, else ``time_limit``;
@@ -57,7 +59,7 @@ the log names the stage 2 algorithm used and stage 1's objective, bound and stat
 
 Params: ``sizes`` (equal | free), ``ilp2`` (auto | dp | cpsat | heuristic), ``transitions``
 (top1 | topk), ``workers`` (CP-SAT workers, default 1), ``dp_max_states`` (720),
-``max_terms`` (100000), ``stage1_share`` (0.4).
+``max_terms`` (100000), ``stage1_share`` (0.9 / 0.4).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from moetuner.errors import InputError
 from moetuner.methods import PlaceOptions, SolveRecord, register, relative_gap
 from moetuner.methods._cpsat import integer_scale, solve_cpsat
 from moetuner.methods.eplb import balanced_packing, replicate_experts
+from moetuner.placement import Placement
 from moetuner.profile import Profile
 
 ILP2_ALGORITHMS = ("auto", "dp", "cpsat", "heuristic")
@@ -127,11 +130,50 @@ def greedy_free_clusters(weight: np.ndarray, num_clusters: int) -> np.ndarray:
     return cluster
 
 
+def improve_balance_by_swaps(weight: np.ndarray, cluster: np.ndarray, num_clusters: int,
+                             keys: np.ndarray | None = None, max_rounds: int = 1000
+                             ) -> np.ndarray:
+    """Best-improvement swaps of two items in different clusters until none lowers
+    ``sum_c |load_c - mean|`` (sizes are kept; items with one key never share a cluster).
+
+    Args:
+        weight: float ``[n]`` item loads.
+        cluster: int ``[n]`` starting cluster of each item.
+
+    Returns:
+        int ``[n]`` improved clusters (a copy).
+    """
+    cluster = cluster.copy()
+    mean = weight.sum() / num_clusters
+    keyed = keys if keys is not None else np.arange(len(weight))
+    for _ in range(max_rounds):
+        load = np.bincount(cluster, weights=weight, minlength=num_clusters)
+        moved = weight[:, None] - weight[None, :]              # [i, j] load leaving i's cluster
+        load_i = load[cluster][:, None]
+        load_j = load[cluster][None, :]
+        change = (np.abs(load_i - moved - mean) + np.abs(load_j + moved - mean)
+                  - np.abs(load_i - mean) - np.abs(load_j - mean))
+        allowed = cluster[:, None] != cluster[None, :]
+        if keys is not None:
+            holds = np.zeros((num_clusters, int(keyed.max()) + 1), dtype=bool)
+            holds[cluster, keyed] = True
+            allowed &= ~holds[cluster[None, :], keyed[:, None]]  # i's key not where j is
+            allowed &= ~holds[cluster[:, None], keyed[None, :]]  # j's key not where i is
+        change = np.where(allowed, change, 0.0)
+        best = int(np.argmin(change))
+        if change.flat[best] >= -1e-9 * max(1.0, mean):
+            break
+        i, j = divmod(best, len(weight))
+        cluster[i], cluster[j] = cluster[j], cluster[i]
+    return cluster
+
+
 def solve_balance(
     weight: np.ndarray, num_clusters: int, size: int | None, keys: np.ndarray | None = None,
     budget: float = 1.0, seed: int = 0, gap: float = 0.025, workers: int = 1,
 ) -> tuple[np.ndarray, float, float, str, str]:
-    """ILP 1 for one layer: greedy warm start, then CP-SAT with its complete hint.
+    """ILP 1 for one layer: greedy plus swaps as warm start, then CP-SAT with its complete
+    hint.
 
     Args:
         weight: float ``[n]`` item loads.
@@ -139,7 +181,7 @@ def solve_balance(
         size: items per cluster (option B) or None (option A: at least one each).
         keys: int ``[n]`` or None; items with one key (copies of one expert) never share a
             cluster.
-        budget: CP-SAT seconds; 0 keeps the greedy answer.
+        budget: CP-SAT seconds; 0 keeps the warm start.
 
     Returns:
         cluster: int ``[n]`` cluster of each item.
@@ -154,6 +196,7 @@ def solve_balance(
     else:
         hint = balanced_packing(weight[None], num_clusters,
                                 None if keys is None else keys[None])[0][0]
+    hint = improve_balance_by_swaps(weight, hint, num_clusters, keys)
     greedy = float(balance_objective(weight[None], hint[None], num_clusters)[0])
     if budget <= 0 or greedy <= 0:
         return hint, greedy, 0.0, "optimal" if greedy <= 0 else "heuristic", "greedy"
@@ -247,6 +290,20 @@ def traffic_objective(traffic: np.ndarray, cost: np.ndarray, gpu_of_cluster: np.
         return 0.0
     cluster_on_gpu = np.argsort(gpu_of_cluster, axis=1)
     return float(_gpu_traffic(traffic, cost, cluster_on_gpu).max(axis=(1, 2)).sum())
+
+
+def placement_traffic(placement: Placement, transitions: np.ndarray, cost: np.ndarray) -> float:
+    """ILP 2's objective of any placement: each GPU's experts in a layer form its cluster.
+
+    Args:
+        placement: the placement (replicas share their expert's tokens evenly).
+        transitions: float ``[L-1, E, E]`` expert-to-expert token counts between layers.
+        cost: float ``[G, G]`` relative link cost.
+    """
+    share = placement.replicas_on_gpu / np.maximum(placement.logcnt, 1)[:, :, None]
+    traffic = cluster_traffic(np.asarray(transitions, dtype=np.float64), share)
+    identity = np.tile(np.arange(placement.num_gpus), (placement.num_layers, 1))
+    return traffic_objective(traffic, cost, identity)
 
 
 def solve_traffic_dp(traffic: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, float]:
@@ -506,7 +563,12 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     keys = item_expert if options.redundant else None
 
     # Stage 1: per-layer balanced clusters.
-    stage1_budget = options.time_limit * float(params.get("stage1_share", 0.4))
+    dp_states = int(params.get("dp_max_states", 720))
+    fits_dp = sizes_mode == "equal" and math.factorial(num_gpus) <= dp_states
+    exact_stage2 = algorithm == "dp" or (algorithm == "auto" and fits_dp)
+    # The exact DP takes well under a second: stage 1 then gets most of the time.
+    stage1_budget = options.time_limit * float(params.get("stage1_share",
+                                                          0.9 if exact_stage2 else 0.4))
     item_cluster = np.empty_like(item_expert)
     s1_obj = s1_bound = 0.0
     s1_status = set()
@@ -546,8 +608,6 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         objective, bound, stage2_status, used = None, None, "heuristic", "none"
     else:
         traffic = cluster_traffic(np.asarray(transitions, dtype=np.float64), share)
-        dp_states = int(params.get("dp_max_states", 720))
-        fits_dp = free_sizes is None and math.factorial(num_gpus) <= dp_states
         terms = int(sum(np.count_nonzero(t) for t in traffic)) * int(np.count_nonzero(cost))
         fits_cpsat = terms <= int(params.get("max_terms", 100_000))
         used = algorithm
