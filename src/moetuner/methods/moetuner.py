@@ -16,16 +16,22 @@ the GPUs minimising ``sum_l max_{g != h} cost[g, h] * traffic_l(g, h)``, where
 GPU h in layer l+1 and ``cost`` is the relative cost of that link (1 inside a node, the
 NVLink / network bandwidth ratio across nodes). Solved by, in order of preference:
 
-- ``dp`` (exact, the default when G! <= ``dp_max_states``, 720): a shortest path over layers
-  whose states are the G! cluster-to-GPU permutations of a layer;
-- ``cpsat``: the ILP with the products ``y[l,c,g] * y[l+1,d,h]`` of assignment binaries
-  linearised by ``z >= y + y' - 1, z >= 0``. Only this lower McCormick envelope is needed and
-  it is exact: z enters with non-negative weight only into constraints that bound the
-  minimised per-layer maximum from below, so an optimal solution never keeps z above the
-  product. Symmetry: GPUs of one node, and nodes, are interchangeable, so layer 0's clusters
-  are ordered along each node's GPUs and the nodes by their first cluster. Warm-started from
-  the heuristic below (relabelled by the same symmetry to satisfy those constraints). Built
-  only when it has at most ``max_terms`` product variables (else the heuristic stands);
+- ``dp`` (exact, the default when G! <= ``dp_max_states``, 120, i.e. G <= 5; G = 6 takes
+  about 3.5 s for 24 layers): a shortest path over layers whose states are the G!
+  cluster-to-GPU permutations of a layer;
+- ``polish`` (the default beyond that, equal sizes): the heuristic below, then CP-SAT
+  re-solves of one layer at a time with both neighbours fixed (then the layer's terms are
+  linear in its assignment, a small exact model), sweeping until nothing changes or time is
+  up. No global bound;
+- ``cpsat`` (the default with free sizes while the model fits): the whole ILP, the products
+  ``y[l,c,g] * y[l+1,d,h]`` of assignment binaries linearised by ``z >= y + y' - 1, z >= 0``.
+  Only this lower McCormick envelope is needed and it is exact: z enters with non-negative
+  weight only into constraints that bound the minimised per-layer maximum from below, so an
+  optimal solution never keeps z above the product. Symmetry: GPUs of one node, and nodes,
+  are interchangeable, so layer 0's clusters are ordered along each node's GPUs and the nodes
+  by their first cluster. Warm-started from the heuristic below (relabelled by the same
+  symmetry to satisfy those constraints). Built only when it has at most ``max_terms``
+  product variables (else the heuristic stands);
 - ``heuristic``: layer by layer, a linear assignment maximising the tokens that stay on their
   GPU, then best-improvement swap sweeps on (objective, total weighted traffic) until no swap
   helps or time runs out.
@@ -36,7 +42,7 @@ number of experts summed over layers) is enforced as ``lo <= total_g <= hi`` whe
 is the spread reached by the warm start (per layer, larger clusters to the GPUs holding the
 fewest experts so far); it is the paper's equality whenever the warm start is balanced, and
 it keeps the warm start feasible. Swaps then only exchange clusters of equal size; the exact
-DP does not apply.
+DP and the layer re-solves do not apply.
 
 Replicas (R > 0, which the paper has not): each layer first replicates its hottest experts as
 EPLB does (each new copy to the expert with the largest load per copy, at most G copies), each
@@ -57,8 +63,8 @@ Record: objective = stage 2's (bound and gap where proved); status ``optimal`` w
 stages proved their gap, ``heuristic`` when a stage had no solver run, else ``time_limit``;
 the log names the stage 2 algorithm used and stage 1's objective, bound and status.
 
-Params: ``sizes`` (equal | free), ``ilp2`` (auto | dp | cpsat | heuristic), ``transitions``
-(top1 | topk), ``workers`` (CP-SAT workers, default 1), ``dp_max_states`` (720),
+Params: ``sizes`` (equal | free), ``ilp2`` (auto | dp | polish | cpsat | heuristic), ``transitions``
+(top1 | topk), ``workers`` (CP-SAT workers, default 1), ``dp_max_states`` (120),
 ``max_terms`` (100000), ``stage1_share`` (0.9 / 0.4).
 """
 
@@ -80,7 +86,7 @@ from moetuner.methods.eplb import balanced_packing, replicate_experts
 from moetuner.placement import Placement
 from moetuner.profile import Profile
 
-ILP2_ALGORITHMS = ("auto", "dp", "cpsat", "heuristic")
+ILP2_ALGORITHMS = ("auto", "dp", "polish", "cpsat", "heuristic")
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -416,6 +422,68 @@ def improve_by_swaps(traffic: np.ndarray, cost: np.ndarray, cluster_on_gpu: np.n
     return current
 
 
+def polish_layers_cpsat(traffic: np.ndarray, cost: np.ndarray, cluster_on_gpu: np.ndarray,
+                        deadline: float, seed: int, workers: int = 1) -> np.ndarray:
+    """Re-solve one layer at a time with both neighbours fixed, sweeping until a sweep changes
+    nothing or ``deadline`` passes; a layer's new permutation is kept only when it lowers
+    that layer's two objective terms.
+
+    With the neighbours fixed the two terms are linear in the layer's assignment binaries
+    ``y[c, g]`` (``traffic_{l-1}(g, h) = sum_c T[prev(g), c] * y[c, h]``), so each sub-problem
+    is a small exact CP-SAT model (G^2 binaries, two max variables), hinted with the current
+    permutation. Returns the improved ``cluster_on_gpu [L, G]`` (a copy).
+    """
+    current = cluster_on_gpu.copy()
+    num_layers, num_gpus = current.shape
+    weighted = np.rint(traffic * integer_scale(traffic)).astype(np.int64)
+    c_int = np.rint(cost * integer_scale(cost, 1e3)).astype(np.int64)
+    pairs = list(zip(*np.nonzero(c_int), strict=True))
+    changed = True
+    while changed and time.perf_counter() < deadline:
+        changed = False
+        for layer in range(num_layers):
+            left = deadline - time.perf_counter()
+            if left <= 0.01:
+                break
+            before, _ = _layer_terms(traffic, cost, current, layer, current[layer][None])
+            model = cp_model.CpModel()
+            y = [[model.new_bool_var(f"y{c}_{g}") for g in range(num_gpus)]
+                 for c in range(num_gpus)]
+            for c in range(num_gpus):
+                model.add_exactly_one(y[c])
+                model.add_exactly_one(y[d][c] for d in range(num_gpus))
+            peaks = []
+            if layer > 0:
+                prev = current[layer - 1]
+                peak = model.new_int_var(0, int(weighted[layer - 1].sum() * c_int.max()), "in")
+                for g, h in pairs:
+                    model.add(peak >= int(c_int[g, h]) * sum(
+                        int(weighted[layer - 1, prev[g], c]) * y[c][h] for c in range(num_gpus)))
+                peaks.append(peak)
+            if layer < num_layers - 1:
+                nxt = current[layer + 1]
+                peak = model.new_int_var(0, int(weighted[layer].sum() * c_int.max()), "out")
+                for g, h in pairs:
+                    model.add(peak >= int(c_int[g, h]) * sum(
+                        int(weighted[layer, c, nxt[h]]) * y[c][g] for c in range(num_gpus)))
+                peaks.append(peak)
+            for g, c in enumerate(current[layer]):
+                for d in range(num_gpus):
+                    model.add_hint(y[d][g], int(d == c))
+            model.minimize(sum(peaks))
+            result = solve_cpsat(model, min(left, max(0.05, left / num_layers)), seed, 0.0,
+                                 workers)
+            if result.solver is None:
+                continue
+            row = np.array([[result.solver.boolean_value(y[c][g]) for g in range(num_gpus)]
+                            for c in range(num_gpus)]).argmax(axis=0)
+            after, _ = _layer_terms(traffic, cost, current, layer, row[None])
+            if after[0] < before[0] - 1e-9 * max(1.0, before[0]) and result.objective is not None:
+                current[layer] = row
+                changed = True
+    return current
+
+
 def _canonical_relabel(cluster_on_gpu: np.ndarray, gpus_per_node: int) -> np.ndarray:
     """Relabel GPUs (within nodes, and whole nodes) so that layer 0 satisfies the symmetry
     breaking of the CP-SAT model: clusters ascending along each node's GPUs, nodes ordered by
@@ -551,9 +619,9 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     workers = int(params.get("workers", 1))
     num_gpus, num_layers = cluster.num_gpus, profile.num_layers
     slots = options.slots_per_gpu(profile.num_experts, num_gpus)
-    if sizes_mode == "free" and algorithm == "dp":
-        raise InputError("--param", "ilp2", "cpsat or heuristic with free sizes (the DP "
-                         "cannot hold the memory-balance constraint)", "dp")
+    if sizes_mode == "free" and algorithm in ("dp", "polish"):
+        raise InputError("--param", "ilp2", "cpsat or heuristic with free sizes (the DP and "
+                         "layer re-solves cannot hold the memory-balance constraint)", algorithm)
     if sizes_mode == "free" and options.redundant:
         raise InputError("--redundant", "redundant",
                          "0 with free cluster sizes (the paper's option A has no replicas)",
@@ -563,7 +631,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     keys = item_expert if options.redundant else None
 
     # Stage 1: per-layer balanced clusters.
-    dp_states = int(params.get("dp_max_states", 720))
+    dp_states = int(params.get("dp_max_states", 120))
     fits_dp = sizes_mode == "equal" and math.factorial(num_gpus) <= dp_states
     exact_stage2 = algorithm == "dp" or (algorithm == "auto" and fits_dp)
     # The exact DP takes well under a second: stage 1 then gets most of the time.
@@ -612,22 +680,30 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         fits_cpsat = terms <= int(params.get("max_terms", 100_000))
         used = algorithm
         if algorithm == "auto":
-            used = "dp" if fits_dp else "cpsat" if fits_cpsat else "heuristic"
+            used = ("dp" if fits_dp else "polish" if free_sizes is None
+                    else "cpsat" if fits_cpsat else "heuristic")
         if used == "dp":
             gpu_of_cluster, objective = solve_traffic_dp(traffic, cost)
             bound, stage2_status = objective, "optimal"
             log.append(f"ILP 2 via dp (exact over {num_gpus}! permutations per layer)")
         else:
             initial = _initial_assignment(traffic, free_sizes)
-            heuristic = improve_by_swaps(traffic, cost, initial, free_sizes,
-                                         start + options.time_limit * 0.7
-                                         if used == "cpsat" else deadline)
+            # Swaps get all the time alone, else half of what is left (they converge fast).
+            swap_deadline = (deadline if used == "heuristic"
+                             else (time.perf_counter() + deadline) / 2)
+            heuristic = improve_by_swaps(traffic, cost, initial, free_sizes, swap_deadline)
             gpu_of_cluster = np.argsort(heuristic, axis=1)
             objective = traffic_objective(traffic, cost, gpu_of_cluster)
             bound, stage2_status = None, "heuristic"
             log.append(f"ILP 2 heuristic (assignment + swaps): {objective:.1f}")
-            left = deadline - time.perf_counter()
-            if used == "cpsat" and fits_cpsat and left > 0.01:
+            if used == "polish":
+                polished = polish_layers_cpsat(traffic, cost, heuristic, deadline, options.seed,
+                                               workers)
+                value = traffic_objective(traffic, cost, np.argsort(polished, axis=1))
+                log.append(f"ILP 2 layer re-solves (CP-SAT): {value:.1f}")
+                if value < objective:
+                    gpu_of_cluster, objective = np.argsort(polished, axis=1), value
+            elif used == "cpsat" and fits_cpsat:
                 memory = None
                 if free_sizes is not None:
                     held = np.zeros(num_gpus, dtype=np.int64)
@@ -645,8 +721,8 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
                     stage2_status = ("optimal" if relative_gap(objective, bound) <= options.gap
                                      else "time_limit")
             elif used == "cpsat":
-                log.append(f"ILP 2 cpsat skipped: {terms} product terms > max_terms "
-                           "or no time left; heuristic kept")
+                log.append(f"ILP 2 cpsat skipped: {terms} product terms > max_terms; "
+                           "heuristic kept")
     item_gpu = np.take_along_axis(gpu_of_cluster, item_cluster, axis=1)
     statuses = {stage1_status, stage2_status}
     status = ("heuristic" if "heuristic" in statuses
