@@ -21,6 +21,7 @@ from moetuner.methods.moetuner import (
     cluster_traffic,
     improve_balance_by_swaps,
     placement_traffic,
+    polish_layers_cpsat,
     solve_balance,
     solve_traffic_cpsat,
     solve_traffic_dp,
@@ -90,6 +91,18 @@ def test_ilp2_dp_and_cpsat_equal_brute_force(gpus, nodes):
     assert status == "optimal"
     assert traffic_objective(traffic, cost, np.argsort(found, axis=1)) == pytest.approx(best)
     assert bound == pytest.approx(best)
+
+
+def test_layer_resolve_is_exact_for_two_layers():
+    # With one layer pair on one node, fixing layer 0 loses nothing (GPUs are symmetric), so
+    # one re-solve of layer 1 must reach the brute-force optimum.
+    rng = np.random.default_rng(9)
+    traffic = rng.integers(0, 50, (1, 4, 4)).astype(float)
+    cost = make_cluster(4).link_cost()
+    start = np.tile(np.arange(4), (2, 1))
+    polished = polish_layers_cpsat(traffic, cost, start, _deadline(10.0), 0)
+    assert traffic_objective(traffic, cost, np.argsort(polished, axis=1)) == pytest.approx(
+        brute_traffic(traffic, cost))
 
 
 def _deadline(seconds: float) -> float:
@@ -167,7 +180,7 @@ def test_free_sizes_balance_memory_and_mark_empty_slots():
     assert per_gpu.sum(axis=0).tolist() == [6, 6]                        # memory balance
 
 
-@pytest.mark.parametrize("ilp2", ["cpsat", "heuristic"])
+@pytest.mark.parametrize("ilp2", ["cpsat", "polish", "heuristic"])
 def test_time_limit_returns_valid_placement_no_worse_than_warm_start(ilp2):
     profile = random_profile(3, 6, 16, 2)
     cluster = make_cluster(8, 2)
