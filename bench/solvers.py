@@ -244,7 +244,8 @@ def main() -> None:
     header()
     for gpus in (4, 8, 16):
         for nodes in (1, 2):
-            method_rows("GPT-OSS 24x32", profile, gpus, nodes, time_limit, VARIANTS)
+            method_rows("GPT-OSS 24x32", profile, gpus, nodes, time_limit,
+                        VARIANTS + [("moetuner", {"sizes": "free"})])
     try:
         from moetuner.synth import synthesize_trace
     except ImportError:

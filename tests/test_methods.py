@@ -45,12 +45,14 @@ def brute_balance(weight: np.ndarray, clusters: int, size: int | None,
     return best
 
 
+@pytest.mark.parametrize("solver", ["cpsat", "highs"])
 @pytest.mark.parametrize("size", [2, None])
-def test_ilp1_equals_brute_force(size):
+def test_ilp1_equals_brute_force(size, solver):
     rng = np.random.default_rng(1)
     for _ in range(3):                           # three layers of L=3, E=4, G=2
         weight = rng.integers(0, 100, 4).astype(float)
-        cluster, objective, bound, status, _ = solve_balance(weight, 2, size, budget=5.0)
+        cluster, objective, bound, status, _ = solve_balance(weight, 2, size, budget=5.0,
+                                                             solver=solver)
         assert status == "optimal"
         assert objective == pytest.approx(brute_balance(weight, 2, size))
         assert objective == pytest.approx(
@@ -60,12 +62,13 @@ def test_ilp1_equals_brute_force(size):
         assert (counts == size).all() if size else (counts >= 1).all()
 
 
-def test_ilp1_keeps_copies_apart():
-    weight = np.array([50.0, 50.0, 40.0, 10.0, 30.0, 20.0])
-    keys = np.array([0, 0, 1, 2, 3, 4])          # items 0 and 1 are copies of one expert
-    cluster, objective, _, _, _ = solve_balance(weight, 2, 3, keys, budget=5.0)
+@pytest.mark.parametrize("solver", ["cpsat", "highs"])
+def test_ilp1_keeps_copies_apart(solver):
+    weight = np.array([50.0, 50.0, 40.0, 10.0, 30.0, 20.0, 7.0, 3.0, 61.0])
+    keys = np.array([0, 0, 1, 2, 3, 4, 5, 6, 7])  # items 0 and 1 are copies of one expert
+    cluster, objective, _, _, _ = solve_balance(weight, 3, 3, keys, budget=5.0, solver=solver)
     assert cluster[0] != cluster[1]
-    assert objective == pytest.approx(brute_balance(weight, 2, 3, keys))
+    assert objective == pytest.approx(brute_balance(weight, 3, 3, keys))
 
 
 def brute_traffic(traffic: np.ndarray, cost: np.ndarray) -> float:

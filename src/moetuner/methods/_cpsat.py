@@ -3,7 +3,7 @@
 Determinism: CP-SAT runs with ``num_workers`` workers (default 1, the only deterministic
 choice under a limit) and stops on ``max_deterministic_time``, CP-SAT's own work counter, set
 to ``DETERMINISTIC_PER_SECOND`` units per second of budget (calibrated on the 2-core VM, where
-one unit took about 4 to 5 wall seconds). The same model, hint and seed then give the same
+one unit took 2 to 5 wall seconds). The same model, hint and seed then give the same
 answer whatever the machine's load. The wall-clock budget stays as a hard limit so that
 ``time_limit`` holds; on a machine slow enough for it to fire first, answers at the limit may
 differ between runs.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-DETERMINISTIC_PER_SECOND = 0.15
+DETERMINISTIC_PER_SECOND = 0.3
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,10 @@ Record: objective = stage 2's (bound and gap where proved); status ``optimal`` w
 stages proved their gap, ``heuristic`` when a stage had no solver run, else ``time_limit``;
 the log names the stage 2 algorithm used and stage 1's objective, bound and status.
 
-Params: ``sizes`` (equal | free), ``ilp2`` (auto | dp | polish | cpsat | heuristic), ``transitions``
-(top1 | topk), ``workers`` (CP-SAT workers, default 1), ``dp_max_states`` (120),
-``max_terms`` (100000), ``stage1_share`` (0.9 / 0.4).
+Params: ``sizes`` (equal | free), ``ilp1`` (cpsat | highs: the stage 1 solver), ``ilp2``
+(auto | dp | polish | cpsat | heuristic), ``transitions`` (top1 | topk), ``workers`` (CP-SAT
+workers, default 1), ``dp_max_states`` (120), ``max_terms`` (100000), ``stage1_share``
+(0.9 / 0.4).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ import time
 
 import numpy as np
 from ortools.sat.python import cp_model
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
+from scipy.sparse import coo_matrix
 
 from moetuner.cluster import Cluster
 from moetuner.errors import InputError
@@ -177,9 +179,9 @@ def improve_balance_by_swaps(weight: np.ndarray, cluster: np.ndarray, num_cluste
 def solve_balance(
     weight: np.ndarray, num_clusters: int, size: int | None, keys: np.ndarray | None = None,
     budget: float = 1.0, seed: int = 0, gap: float = 0.025, workers: int = 1,
+    solver: str = "cpsat",
 ) -> tuple[np.ndarray, float, float, str, str]:
-    """ILP 1 for one layer: greedy plus swaps as warm start, then CP-SAT with its complete
-    hint.
+    """ILP 1 for one layer: greedy plus swaps as warm start, then an exact solver.
 
     Args:
         weight: float ``[n]`` item loads.
@@ -187,7 +189,9 @@ def solve_balance(
         size: items per cluster (option B) or None (option A: at least one each).
         keys: int ``[n]`` or None; items with one key (copies of one expert) never share a
             cluster.
-        budget: CP-SAT seconds; 0 keeps the warm start.
+        budget: solver seconds; 0 keeps the warm start.
+        solver: ``cpsat`` (hinted with the warm start) or ``highs`` (scipy.milp, which takes
+            no warm start; the warm start is kept when it is better).
 
     Returns:
         cluster: int ``[n]`` cluster of each item.
@@ -196,7 +200,6 @@ def solve_balance(
         status: ``optimal``, ``time_limit`` or ``heuristic``.
         summary: one line for the log.
     """
-    n = len(weight)
     if size is None:
         hint = greedy_free_clusters(weight[None], num_clusters)[0]
     else:
@@ -208,6 +211,28 @@ def solve_balance(
         return hint, greedy, 0.0, "optimal" if greedy <= 0 else "heuristic", "greedy"
     scale = integer_scale(weight)
     w = np.rint(weight * scale).astype(np.int64)
+    if solver == "highs":
+        found, bound, status, summary = _balance_highs(w, num_clusters, size, keys, budget, gap)
+    else:
+        found, bound, status, summary = _balance_cpsat(w, num_clusters, size, keys, hint,
+                                                       budget, seed, gap, workers)
+    if found is None:
+        return hint, greedy, 0.0, "heuristic", summary
+    bound = max(0.0, bound / num_clusters / scale)
+    value = float(balance_objective(weight[None], found[None], num_clusters)[0])
+    if value < greedy:
+        return found, value, bound, status, summary
+    status = "optimal" if relative_gap(greedy, bound) <= gap else status
+    return hint, greedy, bound, status, summary
+
+
+def _balance_cpsat(w: np.ndarray, num_clusters: int, size: int | None, keys: np.ndarray | None,
+                   hint: np.ndarray, budget: float, seed: int, gap: float, workers: int
+                   ) -> tuple[np.ndarray | None, float, str, str]:
+    """ILP 1 on CP-SAT over integer loads ``w [n]``; the objective is G times
+    ``sum |load - mean|`` so that it stays integral. Returns (clusters or None, bound on that
+    objective, status, log line)."""
+    n = len(w)
     total = int(w.sum())
     model = cp_model.CpModel()
     x = [[model.new_bool_var(f"x{i}_{c}") for c in range(num_clusters)] for i in range(n)]
@@ -225,7 +250,6 @@ def solve_balance(
             if len(copies) > 1:
                 for c in range(num_clusters):
                     model.add_at_most_one(x[i][c] for i in copies)
-    # Deviations in units of 1/G token so that the mean total/G stays integral.
     loads = [sum(int(w[i]) * x[i][c] for i in range(n)) for c in range(num_clusters)]
     devs = [model.new_int_var(0, num_clusters * total, f"d{c}") for c in range(num_clusters)]
     for load, dev in zip(loads, devs, strict=True):
@@ -244,15 +268,53 @@ def solve_balance(
     model.minimize(sum(devs))
     result = solve_cpsat(model, budget, seed, gap, workers)
     if result.solver is None:
-        return hint, greedy, 0.0, "heuristic", result.summary
+        return None, 0.0, "heuristic", result.summary
     found = np.array([[result.solver.boolean_value(x[i][c]) for c in range(num_clusters)]
                       for i in range(n)]).argmax(axis=1)
-    value = float(balance_objective(weight[None], found[None], num_clusters)[0])
-    bound = max(0.0, result.bound / num_clusters / scale)
-    if value < greedy:
-        return found, value, bound, result.status, result.summary
-    status = "optimal" if relative_gap(greedy, bound) <= gap else result.status
-    return hint, greedy, bound, status, result.summary
+    return found, result.bound, result.status, result.summary
+
+
+def _balance_highs(w: np.ndarray, num_clusters: int, size: int | None, keys: np.ndarray | None,
+                   budget: float, gap: float) -> tuple[np.ndarray | None, float, str, str]:
+    """The same model as ``_balance_cpsat`` on HiGHS (scipy.milp). Variables: ``x[i, c]``
+    (i * G + c) binaries, then the G deviations."""
+    n, G = len(w), num_clusters
+    total = float(w.sum())
+    item = np.repeat(np.arange(n), G)
+    cluster = np.tile(np.arange(G), n)
+    x = np.arange(n * G)
+    blocks = [  # (rows, cols, values, lower, upper) of each constraint family
+        (item, x, np.ones(n * G), np.ones(n), np.ones(n)),                    # one cluster each
+        (cluster, x, np.ones(n * G), np.full(G, size or 1.0),
+         np.full(G, size or np.inf)),                                         # cluster sizes
+        (np.r_[cluster, np.arange(G)], np.r_[x, n * G + np.arange(G)],
+         np.r_[-G * w[item], np.ones(G)], np.full(G, -total), np.full(G, np.inf)),
+        (np.r_[cluster, np.arange(G)], np.r_[x, n * G + np.arange(G)],
+         np.r_[G * w[item], np.ones(G)], np.full(G, total), np.full(G, np.inf)),
+    ]
+    if G > 1:                                                                 # loads ascending
+        first = cluster < G - 1
+        rows = np.r_[cluster[first], cluster[first]]
+        cols = np.r_[x[first], x[first] + 1]
+        vals = np.r_[w[item[first]], -w[item[first]]].astype(float)
+        blocks.append((rows, cols, vals, np.full(G - 1, -np.inf), np.zeros(G - 1)))
+    if keys is not None:                                                      # copies apart
+        key_rows = keys[item] * G + cluster
+        blocks.append((key_rows, x, np.ones(n * G), np.zeros((keys.max() + 1) * G),
+                       np.ones((keys.max() + 1) * G)))
+    constraints = [LinearConstraint(coo_matrix((vals, (rows, cols)),
+                                               shape=(len(lower), n * G + G)), lower, upper)
+                   for rows, cols, vals, lower, upper in blocks]
+    result = milp(np.r_[np.zeros(n * G), np.ones(G)], constraints=constraints,
+                  integrality=np.r_[np.ones(n * G), np.zeros(G)],
+                  bounds=Bounds(0, np.r_[np.ones(n * G), np.full(G, np.inf)]),
+                  options={"time_limit": budget, "mip_rel_gap": gap})
+    summary = f"HiGHS {result.message}"
+    if result.x is None:
+        return None, 0.0, "heuristic", summary
+    found = result.x[:n * G].reshape(n, G).argmax(axis=1)
+    bound = float(getattr(result, "mip_dual_bound", 0.0) or 0.0)
+    return found, bound, "optimal" if result.status == 0 else "time_limit", summary
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -616,6 +678,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     params = options.params
     sizes_mode = _choose(params, "sizes", ("equal", "free"), "equal")
     algorithm = _choose(params, "ilp2", ILP2_ALGORITHMS, "auto")
+    ilp1_solver = _choose(params, "ilp1", ("cpsat", "highs"), "cpsat")
     workers = int(params.get("workers", 1))
     num_gpus, num_layers = cluster.num_gpus, profile.num_layers
     slots = options.slots_per_gpu(profile.num_experts, num_gpus)
@@ -646,15 +709,15 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         found, obj, bound, status, _ = solve_balance(
             item_load[layer], num_gpus, None if sizes_mode == "free" else slots,
             None if keys is None else keys[layer], budget if budget >= 0.01 else 0.0,
-            options.seed, options.gap, workers)
+            options.seed, options.gap, workers, ilp1_solver)
         item_cluster[layer] = found
         s1_obj += obj
         s1_bound += bound
         s1_status.add(status)
     stage1_status = ("heuristic" if "heuristic" in s1_status
                      else "time_limit" if "time_limit" in s1_status else "optimal")
-    log = [f"ILP 1 ({sizes_mode} sizes): sum |load - mean| {s1_obj:.1f}, bound {s1_bound:.1f}, "
-           f"{stage1_status}"]
+    log = [f"ILP 1 ({sizes_mode} sizes, {ilp1_solver}): sum |load - mean| {s1_obj:.1f}, "
+           f"bound {s1_bound:.1f}, {stage1_status}"]
 
     # Stage 2: clusters to GPUs across layers.
     deadline = start + options.time_limit
