@@ -29,7 +29,6 @@ from moetuner.cli.place import gpu_load_ratio
 from moetuner.methods.eplb import balanced_packing
 from moetuner.methods.moetuner import (
     _initial_assignment,
-    balance_objective,
     cluster_traffic,
     improve_by_swaps,
     placement_traffic,
@@ -92,45 +91,6 @@ VARIANTS = [("linear", {}), ("round_robin", {}), ("eplb_fixed", {}), ("moetuner"
 
 # ----------------------------------------------------------------- solver-library comparison
 
-def milp_balance(weight: np.ndarray, clusters: int, size: int, time_limit: float
-                 ) -> tuple[float, float, float]:
-    """ILP 1 (equal sizes) on scipy.milp / HiGHS: (objective, bound, seconds)."""
-    n = len(weight)
-    total = weight.sum()
-    num_x = n * clusters
-    rows, cols, vals, lo, hi = [], [], [], [], []
-
-    def add(entries, low, high):
-        row = len(lo)
-        for col, val in entries:
-            rows.append(row)
-            cols.append(col)
-            vals.append(val)
-        lo.append(low)
-        hi.append(high)
-
-    for i in range(n):
-        add([(i * clusters + c, 1) for c in range(clusters)], 1, 1)
-    for c in range(clusters):
-        add([(i * clusters + c, 1) for i in range(n)], size, size)
-        load = [(i * clusters + c, clusters * weight[i]) for i in range(n)]
-        add([(num_x + c, 1)] + [(k, -v) for k, v in load], -total, np.inf)
-        add([(num_x + c, 1)] + load, total, np.inf)
-        if c + 1 < clusters:                                    # loads ascending
-            add([(i * clusters + c, weight[i]) for i in range(n)]
-                + [(i * clusters + c + 1, -weight[i]) for i in range(n)], -np.inf, 0)
-    matrix = coo_matrix((vals, (rows, cols)), shape=(len(lo), num_x + clusters))
-    objective = np.r_[np.zeros(num_x), np.ones(clusters) / clusters]
-    start = time.perf_counter()
-    result = milp(objective, constraints=LinearConstraint(matrix, lo, hi),
-                  integrality=np.r_[np.ones(num_x), np.zeros(clusters)],
-                  bounds=Bounds(0, np.r_[np.ones(num_x), np.full(clusters, np.inf)]),
-                  options={"time_limit": time_limit, "mip_rel_gap": 0.025})
-    seconds = time.perf_counter() - start
-    value = np.nan if result.x is None else float(result.fun)
-    return value, float(getattr(result, "mip_dual_bound", np.nan) or np.nan), seconds
-
-
 def milp_traffic(traffic: np.ndarray, cost: np.ndarray, time_limit: float
                  ) -> tuple[float, float, float]:
     """ILP 2 (equal sizes) on scipy.milp / HiGHS, same linearisation as the CP-SAT model,
@@ -191,14 +151,15 @@ def library_rows(profile: Profile, label: str, gpus: int, nodes: int, layers: li
     slots = profile.num_experts // gpus
     for layer in layers:
         weight = profile.load[layer].astype(float)
-        greedy = balance_objective(weight[None], balanced_packing(weight[None], gpus)[0], gpus)
-        start = time.perf_counter()
-        _, value, bound, _, _ = solve_balance(weight, gpus, slots, None, time_limit)
-        cp_seconds = time.perf_counter() - start
-        hi_value, hi_bound, hi_seconds = milp_balance(weight, gpus, slots, time_limit)
-        print(f"| ILP 1 | {label} layer {layer}, G={gpus} | {greedy[0]:.4g} | "
-              f"{value:.4g} / {bound:.4g} / {cp_seconds:.1f} s | "
-              f"{hi_value:.4g} / {hi_bound:.4g} / {hi_seconds:.1f} s |", flush=True)
+        warm = solve_balance(weight, gpus, slots, None, 0.0)[1]
+        cells = []
+        for solver in ("cpsat", "highs"):
+            start = time.perf_counter()
+            _, value, bound, _, _ = solve_balance(weight, gpus, slots, None, time_limit,
+                                                  solver=solver)
+            cells.append(f"{value:.4g} / {bound:.4g} / {time.perf_counter() - start:.1f} s")
+        print(f"| ILP 1 | {label} layer {layer}, G={gpus} | greedy + swaps {warm:.4g} | "
+              f"{cells[0]} | {cells[1]} |", flush=True)
     cluster = make_cluster(gpus, nodes)
     cost = cluster.link_cost()
     clusters, _ = balanced_packing(profile.load.astype(float), gpus)
@@ -245,7 +206,8 @@ def main() -> None:
     for gpus in (4, 8, 16):
         for nodes in (1, 2):
             method_rows("GPT-OSS 24x32", profile, gpus, nodes, time_limit,
-                        VARIANTS + [("moetuner", {"sizes": "free"})])
+                        VARIANTS + [("moetuner", {"ilp1": "highs"}),
+                                    ("moetuner", {"sizes": "free"})])
     try:
         from moetuner.synth import synthesize_trace
     except ImportError:
@@ -258,7 +220,8 @@ def main() -> None:
             method_rows(f"{name} (synthetic)", profile_trace(synthetic), gpus, nodes,
                         time_limit, VARIANTS)
     print("\nSolver libraries (objective / bound / seconds at the same limit; HiGHS through "
-          "scipy.milp, no warm start possible; CP-SAT hinted with the greedy / heuristic)\n")
+          "scipy.milp takes no warm start (the ILP 1 rows keep the warm start when better); "
+          "CP-SAT is hinted with greedy + swaps / the ILP 2 heuristic)\n")
     print("| model | instance | reference | CP-SAT | HiGHS |")
     print("|---|---|---|---|---|")
     library_rows(profile, "GPT-OSS", 4, 1, [0, 12] if args.quick else [0, 6, 12, 18],
