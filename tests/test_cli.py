@@ -34,3 +34,14 @@ def test_bad_input_exits_2_without_output(tmp_path, capsys):
     assert run(["profile", str(SLICE), "--select", "seq_nope=1", "-o", str(out)]) == 2
     assert run(["info", str(tmp_path / "missing.npz")]) == 2
     assert not out.exists()
+
+
+def test_profiles_of_several_traces_add_up(tmp_path):
+    both = tmp_path / "both.npz"
+    assert run(["profile", str(SLICE), str(SLICE), "--drop", "seq_repetition",
+                "-o", str(both)]) == 0
+    once = load_profile(both)
+    single = tmp_path / "one.npz"
+    assert run(["profile", str(SLICE), "--drop", "seq_repetition", "-o", str(single)]) == 0
+    np.testing.assert_array_equal(once.transitions, 2 * load_profile(single).transitions)
+    assert len(once.provenance) == 2

@@ -12,11 +12,13 @@ from moetuner.methods.moetuner import balance_objective, traffic_objective
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.profile import Profile, load_profile, profile_trace
+from moetuner.synth import SynthFit, is_synthetic, synthesis_fit, synthesize_trace
 from moetuner.trace import Trace, load_trace
 
 __all__ = [
     "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "Trace", "balance_objective", "get_model", "load_placement", "load_profile",
-    "load_trace", "make_cluster", "methods", "place", "profile_trace", "read_profile",
-    "read_trace", "traffic_objective",
+    "SolveRecord", "SynthFit", "Trace", "balance_objective", "get_model", "is_synthetic",
+    "load_placement", "load_profile", "load_trace", "make_cluster", "methods", "place",
+    "profile_trace", "read_profile", "read_trace", "synthesis_fit", "synthesize_trace",
+    "traffic_objective",
 ]
