@@ -86,7 +86,7 @@ def header() -> None:
 
 
 VARIANTS = [("linear", {}), ("round_robin", {}), ("eplb_fixed", {}), ("moetuner", {}),
-            ("moetuner", {"ilp2": "heuristic"})]
+            ("moetuner", {"ilp2": "polish"})]
 
 
 # ----------------------------------------------------------------- solver-library comparison

@@ -19,7 +19,7 @@ NVLink / network bandwidth ratio across nodes). Solved by, in order of preferenc
 - ``dp`` (exact, the default when G! <= ``dp_max_states``, 120, i.e. G <= 5; G = 6 takes
   about 3.5 s for 24 layers): a shortest path over layers whose states are the G!
   cluster-to-GPU permutations of a layer;
-- ``polish`` (the default beyond that, equal sizes): the heuristic below, then CP-SAT
+- ``polish``: the heuristic below (half the time), then CP-SAT
   re-solves of one layer at a time with both neighbours fixed (then the layer's terms are
   linear in its assignment, a small exact model), sweeping until nothing changes or time is
   up. No global bound;
@@ -32,9 +32,10 @@ NVLink / network bandwidth ratio across nodes). Solved by, in order of preferenc
   by their first cluster. Warm-started from the heuristic below (relabelled by the same
   symmetry to satisfy those constraints). Built only when it has at most ``max_terms``
   product variables (else the heuristic stands);
-- ``heuristic``: layer by layer, a linear assignment maximising the tokens that stay on their
-  GPU, then best-improvement swap sweeps on (objective, total weighted traffic) until no swap
-  helps or time runs out.
+- ``heuristic`` (the default beyond the DP with equal sizes: on GPT-OSS and synthetic shapes
+  ``polish`` never improved on it, see BENCHMARKS.md): layer by layer, a linear assignment
+  maximising the tokens that stay on their GPU, then best-improvement swap sweeps on
+  (objective, total weighted traffic) until no swap helps or time runs out.
 
 The heuristic incumbent is always kept: CP-SAT's answer replaces it only when strictly better.
 With free sizes (option A) the paper's memory-balance constraint (every GPU holds the same
@@ -743,7 +744,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         fits_cpsat = terms <= int(params.get("max_terms", 100_000))
         used = algorithm
         if algorithm == "auto":
-            used = ("dp" if fits_dp else "polish" if free_sizes is None
+            used = ("dp" if fits_dp else "heuristic" if free_sizes is None
                     else "cpsat" if fits_cpsat else "heuristic")
         if used == "dp":
             gpu_of_cluster, objective = solve_traffic_dp(traffic, cost)
