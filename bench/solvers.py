@@ -104,10 +104,12 @@ def milp_traffic(traffic: np.ndarray, cost: np.ndarray, time_limit: float
     num_y = layers * gpus * gpus
     pairs = list(zip(*np.nonzero(cost), strict=True))
     z_index = {}
+    by_link = {}                               # (t, g, h) -> [(z column, c, d)]
     for t in range(steps):
         for c, d in zip(*np.nonzero(traffic[t]), strict=True):
             for g, h in pairs:
                 z_index[t, c, d, g, h] = num_y + len(z_index)
+                by_link.setdefault((t, g, h), []).append((z_index[t, c, d, g, h], c, d))
     num_vars = num_y + len(z_index) + steps
     rows, cols, vals, lo, hi = [], [], [], [], []
 
@@ -130,8 +132,7 @@ def milp_traffic(traffic: np.ndarray, cost: np.ndarray, time_limit: float
         peak = num_y + len(z_index) + t
         for g, h in pairs:
             add([(peak, 1)] + [(k, -cost[g, h] * traffic[t, c, d])
-                               for (s, c, d, gg, hh), k in z_index.items()
-                               if s == t and (gg, hh) == (g, h)], 0, np.inf)
+                               for k, c, d in by_link.get((t, g, h), [])], 0, np.inf)
     add([(y(0, 0, 0), 1)], 1, 1)                    # symmetry: cluster 0 of layer 0 on GPU 0
     matrix = coo_matrix((vals, (rows, cols)), shape=(len(lo), num_vars))
     objective = np.r_[np.zeros(num_vars - steps), np.ones(steps)]
