@@ -32,9 +32,9 @@ NVLink / network bandwidth ratio across nodes). Solved by, in order of preferenc
   by their first cluster. Warm-started from the heuristic below (relabelled by the same
   symmetry to satisfy those constraints). Built only when it has at most ``max_terms``
   product variables (else the heuristic stands);
-- ``heuristic`` (the default beyond the DP with equal sizes: ``polish`` matched it on GPT-OSS
-  and the synthetic shapes, 0.7% better only at DeepSeek-V3 size, in up to twice the time;
-  see BENCHMARKS.md): layer by layer, a linear assignment
+- ``heuristic`` (the default beyond the DP with equal sizes: ``polish`` matched it or did
+  worse on GPT-OSS and the synthetic shapes, in up to twice the time; see BENCHMARKS.md):
+  layer by layer, a linear assignment
   maximising the tokens that stay on their GPU, then best-improvement swap sweeps on
   (objective, total weighted traffic) until no swap helps or time runs out.
 
