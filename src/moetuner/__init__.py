@@ -8,7 +8,6 @@ from moetuner.cluster import Cluster, GPUSpec, make_cluster
 from moetuner.errors import InputError
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
-from moetuner.methods.moetuner import balance_objective, traffic_objective
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.profile import Profile, load_profile, profile_trace
@@ -17,8 +16,7 @@ from moetuner.trace import Trace, load_trace
 
 __all__ = [
     "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "SynthFit", "Trace", "balance_objective", "get_model", "is_synthetic",
-    "load_placement", "load_profile", "load_trace", "make_cluster", "methods", "place",
-    "profile_trace", "read_profile", "read_trace", "synthesis_fit", "synthesize_trace",
-    "traffic_objective",
+    "SolveRecord", "SynthFit", "Trace", "get_model", "is_synthetic", "load_placement",
+    "load_profile", "load_trace", "make_cluster", "methods", "place", "profile_trace",
+    "read_profile", "read_trace", "synthesis_fit", "synthesize_trace",
 ]
