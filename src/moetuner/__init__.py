@@ -5,7 +5,10 @@ transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> 
 """
 
 from moetuner.cluster import Cluster, GPUSpec, make_cluster
+from moetuner.collect import collect_trace
+from moetuner.eplb import rebalance_experts
 from moetuner.errors import InputError
+from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
 from moetuner.models import ModelSpec, get_model
@@ -16,7 +19,8 @@ from moetuner.trace import Trace, load_trace
 
 __all__ = [
     "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "SynthFit", "Trace", "get_model", "is_synthetic", "load_placement",
-    "load_profile", "load_trace", "make_cluster", "methods", "place", "profile_trace",
-    "read_profile", "read_trace", "synthesis_fit", "synthesize_trace",
+    "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
+    "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
+    "FORMATS", "LayerAxis", "collect_trace", "rebalance_experts", "write_engine_files",
+    "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace",
 ]
