@@ -219,6 +219,8 @@ def test_same_seed_same_placement():
     (8, 4, 0, {"sizes": "odd"}, "sizes"),
     (8, 4, 0, {"ilp2": "gurobi"}, "ilp2"),
     (8, 4, 0, {"sizes": "free", "ilp2": "dp"}, "ilp2"),
+    (8, 4, 0, {"transitions": "all"}, "transitions"),
+    (8, 4, 0, {"ilp1": "gurobi"}, "ilp1"),
 ])
 def test_impossible_requests_fail_before_solving(experts, gpus, redundant, params, field):
     profile = random_profile(0, 2, experts, 2)

@@ -14,15 +14,14 @@ Stage 2, ILP 2 across layers (traffic): choose per layer a permutation of its cl
 the GPUs minimising ``sum_l max_{g != h} cost[g, h] * traffic_l(g, h)``, where
 ``traffic_l(g, h)`` counts tokens going from the cluster on GPU g in layer l to the cluster on
 GPU h in layer l+1 and ``cost`` is the relative cost of that link (1 inside a node, the
-NVLink / network bandwidth ratio across nodes). Solved by, in order of preference:
+NVLink / network bandwidth ratio across nodes). Solved by one of:
 
 - ``dp`` (exact, the default when G! <= ``dp_max_states``, 120, i.e. G <= 5; G = 6 takes
   about 3.5 s for 24 layers): a shortest path over layers whose states are the G!
   cluster-to-GPU permutations of a layer;
-- ``polish``: the heuristic below (half the time), then CP-SAT
-  re-solves of one layer at a time with both neighbours fixed (then the layer's terms are
-  linear in its assignment, a small exact model), sweeping until nothing changes or time is
-  up. No global bound;
+- ``polish``: the heuristic below (half the time), then CP-SAT re-solves of one layer at a
+  time with both neighbours fixed (then the layer's terms are linear in its assignment, a
+  small exact model), sweeping until nothing changes or time is up. No global bound;
 - ``cpsat`` (the default with free sizes while the model fits): the whole ILP, the products
   ``y[l,c,g] * y[l+1,d,h]`` of assignment binaries linearised by ``z >= y + y' - 1, z >= 0``.
   Only this lower McCormick envelope is needed and it is exact: z enters with non-negative
@@ -34,9 +33,9 @@ NVLink / network bandwidth ratio across nodes). Solved by, in order of preferenc
   product variables (else the heuristic stands);
 - ``heuristic`` (the default beyond the DP with equal sizes: ``polish`` matched it or did
   worse on GPT-OSS and the synthetic shapes, in up to twice the time; see BENCHMARKS.md):
-  layer by layer, a linear assignment
-  maximising the tokens that stay on their GPU, then best-improvement swap sweeps on
-  (objective, total weighted traffic) until no swap helps or time runs out.
+  layer by layer, a linear assignment maximising the tokens that stay on their GPU, then
+  best-improvement swap sweeps on (objective, total weighted traffic) until no swap helps or
+  time runs out. No bound.
 
 The heuristic incumbent is always kept: CP-SAT's answer replaces it only when strictly better.
 With free sizes (option A) the paper's memory-balance constraint (every GPU holds the same
@@ -58,8 +57,9 @@ model) when the profile has it, else the k x k ``transitions``; ``params["transi
 
 Time: stage 1 gets ``stage1_share`` of ``time_limit`` (0.9 when stage 2 is the exact DP,
 else 0.4), split over layers; stage 2 the rest. Both stop at ``options.gap`` (the paper's
-2.5%). CP-SAT limits are deterministic work limits (see ``_cpsat``), so the same inputs and
-seed give the same placement.
+2.5%). CP-SAT limits are deterministic work limits (see ``_cpsat``) and the heuristics are
+deterministic, so the same inputs and seed give the same placement, unless a wall-clock limit
+cuts a run first (the swap sweeps, or HiGHS with ``ilp1=highs``, which has no work limit).
 
 Record: objective = stage 2's (bound and gap where proved); status ``optimal`` when both
 stages proved their gap, ``heuristic`` when a stage had no solver run, else ``time_limit``;
@@ -681,6 +681,8 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     sizes_mode = _choose(params, "sizes", ("equal", "free"), "equal")
     algorithm = _choose(params, "ilp2", ILP2_ALGORITHMS, "auto")
     ilp1_solver = _choose(params, "ilp1", ("cpsat", "highs"), "cpsat")
+    which = _choose(params, "transitions", ("top1", "topk"),
+                    "top1" if profile.transitions_top1 is not None else "topk")
     workers = int(params.get("workers", 1))
     num_gpus, num_layers = cluster.num_gpus, profile.num_layers
     slots = options.slots_per_gpu(profile.num_experts, num_gpus)
@@ -730,7 +732,6 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
               1.0 / np.take_along_axis(copies, item_expert, axis=1))
     cluster_sizes = np.stack([np.bincount(row, minlength=num_gpus) for row in item_cluster])
     free_sizes = cluster_sizes if sizes_mode == "free" else None
-    which = params.get("transitions", "top1" if profile.transitions_top1 is not None else "topk")
     transitions = profile.transitions_top1 if which == "top1" else profile.transitions
     if transitions is None or num_layers < 2:
         gpu_of_cluster = np.tile(np.arange(num_gpus), (num_layers, 1))
