@@ -47,7 +47,8 @@ def place_counts(phy2log: np.ndarray, gpus: int) -> np.ndarray:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 3), st.sampled_from([(8, 4, 1), (8, 4, 2), (12, 4, 2), (16, 8, 2)]),
+@given(st.integers(1, 3),
+       st.sampled_from([(8, 4, 1), (8, 4, 2), (12, 4, 2), (16, 8, 2), (4, 2, 2)]),
        st.integers(0, 2), st.integers(0, 2**31 - 1), st.booleans())
 def test_fixed_variant_never_shares_a_gpu(layers, shape, extra, seed, hot):
     experts, gpus, nodes = shape
@@ -62,3 +63,11 @@ def test_fixed_variant_never_shares_a_gpu(layers, shape, extra, seed, hot):
         assert (placement.logcnt >= 1).all()
         if method == "eplb_fixed":
             assert placement.replicas_on_gpu.max() <= 1
+
+
+def test_fixed_variant_with_one_gpu_per_node_falls_back_to_global_policy():
+    load = np.array([[100, 10, 10, 10]])
+    phy2log, _, logcnt = rebalance_experts(load, 6, 2, 2, 2, fixed=True)
+    per_gpu = phy2log.reshape(2, 3)
+    assert all(len(set(row)) == 3 for row in per_gpu.tolist())
+    assert logcnt[0, 0] == 2 and logcnt.sum() == 6
