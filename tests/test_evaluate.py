@@ -312,9 +312,11 @@ def test_bad_requests_raise_input_error():
 def test_compare_adds_linear_and_speedups():
     trace = make_trace(HAND_IDS)
     swapped = Placement(np.array([[0, 2, 1, 3]] * 3), 2, 4)
-    rows = compare({"swapped": swapped}, trace, make_cluster(2, 1), TOY, ("return", "follow"),
-                   coefficients=hand_coefficients())
+    rows, replays = compare({"swapped": swapped}, trace, make_cluster(2, 1), TOY,
+                            ("return", "follow"), coefficients=hand_coefficients())
     assert [(r["placement"], r["exec_model"]) for r in rows] == [
         ("linear", "return"), ("swapped", "return"), ("linear", "follow"), ("swapped", "follow")]
+    assert set(replays) == {("linear", "return"), ("swapped", "return"), ("linear", "follow"),
+                            ("swapped", "follow")}
     assert rows[0]["speedup_vs_linear"] == 1.0
     assert rows[1]["speedup_vs_linear"] == pytest.approx(16 / rows[1]["moe_time_per_batch_s"])

@@ -399,11 +399,15 @@ def compare(
     exec_models: tuple[str, ...] = ("return",),
     replica_policy: str = "even",
     coefficients: CostCoefficients | None = None,
-) -> list[dict]:
-    """One row of metrics per (placement, execution model), with the speedup over ``linear``.
+) -> tuple[list[dict], dict[tuple[str, str], Replay]]:
+    """Evaluate every placement under every execution model, with the speedup over ``linear``.
 
     ``linear`` with the first placement's slots is added as the reference unless a placement
-    is already named so; rows are ordered by execution model, then as given.
+    is already named so.
+
+    Returns:
+        rows: one dict of metrics per (execution model, placement), in that order.
+        replays: (placement name, execution model) -> its replay.
     """
     check_model(model, trace)
     placements = dict(placements)
@@ -412,17 +416,17 @@ def compare(
         if first is None:
             raise InputError("placements", "placements", "at least one placement")
         placements = {"linear": linear_reference(first), **placements}
-    rows = []
+    rows, replays = [], {}
     for exec_model in exec_models:
         times = {}
         for name, placement in placements.items():
             result, cost = evaluate(placement, trace, cluster, model, exec_model,
                                     replica_policy, coefficients)
+            replays[name, exec_model] = result
             times[name] = cost.total
             rows.append({"placement": name, "slots_per_gpu": placement.slots_per_gpu,
                          **result.summary(), **cost.summary()})
         for row in rows[-len(placements):]:
             row["speedup_vs_linear"] = (times["linear"] / row["moe_time_per_batch_s"]
                                         if row["moe_time_per_batch_s"] else float("inf"))
-    return rows
-
+    return rows, replays

@@ -30,7 +30,7 @@ from moetuner.cli.options import (
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.errors import InputError
-from moetuner.evaluate import EXEC_MODELS, check_compatible, compare, model_for_trace
+from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
 from moetuner.inputs import read_trace
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
@@ -49,7 +49,7 @@ class EvaluationInputs:
     replica_policy: str
     coefficients: CostCoefficients
 
-    def compare(self) -> list[dict]:
+    def compare(self) -> tuple[list[dict], dict[tuple[str, str], Replay]]:
         return compare(self.placements, self.trace, self.cluster, self.model, self.exec_models,
                        self.replica_policy, self.coefficients)
 
@@ -126,7 +126,7 @@ def evaluate_command(
     """Compare placements on a held-out trace: balance, traffic, predicted MoE time."""
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration)
-    rows = inputs.compare()
+    rows, _ = inputs.compare()
     if as_json:
         print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
         return
