@@ -60,18 +60,21 @@ def _relative_load(result: Replay) -> np.ndarray:
 
 
 def traffic_figure(replays: dict[tuple[str, str], Replay]) -> plt.Figure:
-    """GPU x GPU token messages (dispatch + combine, all layers), one panel per
-    (placement, execution model)."""
-    fig, axes = plt.subplots(1, len(replays), figsize=(3.2 * len(replays) + 1, 3.6),
-                             squeeze=False)
+    """GPU x GPU token messages (dispatch + combine, all layers): one row of panels per
+    execution model, one column per placement."""
+    names = list(dict.fromkeys(name for name, _ in replays))
+    exec_models = list(dict.fromkeys(e for _, e in replays))
+    fig, axes = plt.subplots(len(exec_models), len(names), squeeze=False,
+                             figsize=(3.0 * len(names) + 1, 3.0 * len(exec_models)))
     top = max(float(r.traffic.sum(axis=0).max()) for r in replays.values()) or 1.0
-    for ax, ((name, exec_model), result) in zip(axes[0], replays.items(), strict=True):
+    for (name, exec_model), result in replays.items():
+        ax = axes[exec_models.index(exec_model), names.index(name)]
         image = ax.imshow(result.traffic.sum(axis=0), cmap="viridis", vmin=0, vmax=top)
         ax.set_title(f"{name} ({exec_model})\ncross-node {result.share_cross_node:.0%}",
                      fontsize=9)
-        ax.set_xlabel("to GPU")
-        ax.set_ylabel("from GPU")
-    fig.colorbar(image, ax=axes[0].tolist(), label="token messages")
+        ax.set_xlabel("to GPU", fontsize=8)
+        ax.set_ylabel("from GPU", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="token messages")
     return fig
 
 
