@@ -169,8 +169,6 @@ def _validate(trace: Trace) -> None:
     tokens, layers, k = ids.shape
     if layers < 1 or k < 1:
         raise InputError(src, "topk_ids", "at least one layer and k >= 1", list(ids.shape))
-    if trace.num_experts < k:
-        raise InputError(src, "num_experts", f"at least k = {k}", trace.num_experts)
     if tokens:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= trace.num_experts:
@@ -183,6 +181,8 @@ def _validate(trace: Trace) -> None:
                 token, layer = np.argwhere(repeats)[0]
                 raise InputError(src, "topk_ids", "k distinct experts per token and layer",
                                  f"a repeated expert at token {token}, layer {layer}")
+    if trace.num_experts < k:
+        raise InputError(src, "num_experts", f"at least k = {k}", trace.num_experts)
     if trace.topk_weights is not None:
         w = trace.topk_weights
         if w.shape != ids.shape:

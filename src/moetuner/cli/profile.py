@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,13 +15,15 @@ from moetuner.cli.options import Drop, Select, profile_with_progress
 
 @command("profile")
 def profile_command(
-    trace: Annotated[Path, typer.Argument(help="routing trace (.npz with topk_ids)")],
+    traces: Annotated[list[Path], typer.Argument(
+        help="routing traces (or profiles); several are profiled and summed")],
     output: Annotated[Path, typer.Option("-o", "--output", help="profile .npz to write")],
     select: Select = None,
     drop: Drop = None,
 ) -> None:
-    """Profile a routing trace: loads, cross-layer transitions, co-activation, stability."""
-    profile = profile_with_progress(str(trace), select, drop)
+    """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
+    profiles = [profile_with_progress(str(trace), select, drop) for trace in traces]
+    profile = functools.reduce(operator.add, profiles)
     profile.save(output)
     skew = profile.skew()
     mi = profile.mutual_information()
