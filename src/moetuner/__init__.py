@@ -5,7 +5,9 @@ transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> 
 """
 
 from moetuner.cluster import Cluster, GPUSpec, make_cluster
+from moetuner.costmodel import CostBreakdown, CostCoefficients, load_coefficients, predict
 from moetuner.errors import InputError
+from moetuner.evaluate import Replay, compare, replay
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
 from moetuner.models import ModelSpec, get_model
@@ -14,7 +16,9 @@ from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.trace import Trace, load_trace
 
 __all__ = [
-    "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
-    "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
+    "Cluster", "CostBreakdown", "CostCoefficients", "GPUSpec", "InputError", "ModelSpec",
+    "PlaceOptions", "Placement", "Profile", "Replay", "SolveRecord", "Trace", "compare",
+    "get_model", "load_coefficients", "load_placement", "load_profile", "load_trace",
+    "make_cluster", "methods", "place", "predict", "profile_trace", "read_profile", "read_trace",
+    "replay",
 ]

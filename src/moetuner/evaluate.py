@@ -290,22 +290,29 @@ def _choose_replicas(
     Returns:
         int ``[T, k]`` chosen slots.
     """
-    if log2phy.shape[1] == 1:
-        return log2phy[ids, 0]
-    candidates = log2phy[ids]                                            # [T, k, X]
-    if policy == "even":
-        rank = token[:, None] % logcnt[ids]
-        return np.take_along_axis(candidates, rank[..., None], axis=2)[..., 0]
+    slot = log2phy[ids, 0]
+    multi = logcnt[ids] > 1                                              # [T, k]
+    if not multi.any():
+        return slot
+    # Only experts with replicas need a choice: work on those (token, expert) pairs alone.
+    experts = ids[multi]                                                 # [M]
+    tokens = np.broadcast_to(token[:, None], ids.shape)[multi]
+    candidates = log2phy[experts]                                        # [M, X]
     valid = candidates >= 0
-    cand_gpu = np.where(valid, candidates // slots_per_gpu, 0)
-    here = current[:, None, None]
-    on_gpu = valid & (cand_gpu == here)
-    on_node = valid & (node_of_gpu[cand_gpu] == node_of_gpu[here])
-    tier = np.where(on_gpu.any(axis=2, keepdims=True), on_gpu,
-                    np.where(on_node.any(axis=2, keepdims=True), on_node, valid))
-    rank = token[:, None] % tier.sum(axis=2)                              # [T, k]
-    pick = tier & (np.cumsum(tier, axis=2) - 1 == rank[..., None])
-    return np.take_along_axis(candidates, pick.argmax(axis=2)[..., None], axis=2)[..., 0]
+    if policy == "even":
+        tier = valid
+    else:
+        here = np.broadcast_to(current[:, None], ids.shape)[multi][:, None]
+        cand_gpu = np.where(valid, candidates // slots_per_gpu, 0)
+        on_gpu = valid & (cand_gpu == here)
+        on_node = valid & (node_of_gpu[cand_gpu] == node_of_gpu[here])
+        tier = np.where(on_gpu.any(axis=1, keepdims=True), on_gpu,
+                        np.where(on_node.any(axis=1, keepdims=True), on_node, valid))
+    rank = tokens % tier.sum(axis=1)                                     # [M]
+    # The rank-th member of the tier, in ascending slot order.
+    pick = tier & (np.cumsum(tier, axis=1) - 1 == rank[:, None])
+    slot[multi] = candidates[np.arange(len(experts)), pick.argmax(axis=1)]
+    return slot
 
 
 def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
