@@ -38,6 +38,7 @@ def test_return_hand_count(policy):
     r = replay(linear(), make_trace(HAND_IDS), make_cluster(2, 1), "return", policy)
     np.testing.assert_array_equal(r.load, [[1, 3], [2, 2], [2, 2]])
     np.testing.assert_array_equal(r.tokens_in, [[1, 2], [2, 2], [1, 1]])
+    np.testing.assert_array_equal(r.tokens_received, [[0, 1], [1, 1], [1, 1]])
     np.testing.assert_array_equal(r.dispatch.tokens, [[[0, 1], [0, 0]], [[0, 1], [1, 0]],
                                                       [[0, 1], [1, 0]]])
     np.testing.assert_array_equal(r.combine.tokens, r.dispatch.tokens.transpose(0, 2, 1))

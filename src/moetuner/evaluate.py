@@ -132,6 +132,11 @@ class Replay:
         return float(self.load.mean(axis=1).sum()) / peak if peak else 1.0
 
     @property
+    def tokens_received(self) -> np.ndarray:
+        """``[L, G]`` tokens each GPU receives from other GPUs in dispatch."""
+        return self.dispatch.tokens.sum(axis=1)
+
+    @property
     def traffic(self) -> np.ndarray:
         """``[L, G, G]`` token messages of dispatch and combine together."""
         return self.dispatch.tokens + self.combine.tokens
@@ -233,19 +238,18 @@ def replay(
         load[layer] = np.bincount(gpu.ravel(), minlength=G)
         used = np.bincount(slot.ravel(), minlength=placement.num_slots) > 0
         active[layer] = used.reshape(G, slots_per_gpu).sum(axis=1)
-        dest, distinct = _distinct(gpu)                                  # [T, k] each
-        tokens_in[layer] = np.bincount(dest[distinct], minlength=G)
-        sent = _scatter(current, dest, distinct, node_of_gpu)
+        present = np.zeros((T, G), dtype=bool)                           # [T, G]
+        present[token[:, None], gpu] = True
+        tokens_in[layer] = present.sum(axis=0)
+        sent = _scatter(current, present, node_of_gpu)
         _store(dispatch, layer, *sent)
-        source = np.broadcast_to(current[:, None], dest.shape)[distinct]
-        moves[:, layer] = (distinct.sum(), (dest[distinct] != source).sum(),
-                           (node_of_gpu[dest[distinct]] != node_of_gpu[source]).sum())
+        moves[:, layer] = (tokens_in[layer].sum(), sent[0].sum(),
+                           sent[0][node_of_gpu[:, None] != node_of_gpu[None, :]].sum())
         if exec_model == "return":
             matrix, centre_messages, relay_messages = sent
         else:
             primary = gpu[:, 0]
-            matrix, centre_messages, relay_messages = _scatter(primary, dest, distinct,
-                                                               node_of_gpu)
+            matrix, centre_messages, relay_messages = _scatter(primary, present, node_of_gpu)
             current = primary
         # Combine runs the same messages backwards: relays send, centres receive.
         _store(combine, layer, matrix.T, relay_messages, centre_messages)
@@ -315,24 +319,14 @@ def _choose_replicas(
     return slot
 
 
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row of ``[T, k]`` ``values``; return it and a mask of each value's first
-    occurrence in its row."""
-    ordered = np.sort(values, axis=1)
-    first = np.ones(ordered.shape, dtype=bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    return ordered, first
-
-
 def _scatter(
-    center: np.ndarray, dest: np.ndarray, distinct: np.ndarray, node_of_gpu: np.ndarray
+    center: np.ndarray, present: np.ndarray, node_of_gpu: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Messages from each token's ``center`` GPU to its distinct ``dest`` GPUs.
+    """Messages from each token's ``center`` GPU to the other GPUs it is ``present`` on.
 
     Args:
-        center: int ``[T]`` the GPU the token leaves from.
-        dest: int ``[T, k]`` destination GPUs, sorted per row.
-        distinct: bool ``[T, k]`` first occurrence of each destination in its row.
+        center: int ``[T]`` the GPU each token leaves from.
+        present: bool ``[T, G]`` the GPUs holding one of the token's chosen replicas.
         node_of_gpu: int ``[G]``.
 
     Returns:
@@ -342,16 +336,21 @@ def _scatter(
         node_received: int ``[G]`` those messages received, by the GPU of the centre's local
             index on the destination node (DeepEP's pairing).
     """
-    G = node_of_gpu.shape[0]
-    per_node = G // (int(node_of_gpu.max()) + 1)
-    source = np.broadcast_to(center[:, None], dest.shape)
-    remote = distinct & (dest != source)
-    matrix = np.bincount(source[remote] * G + dest[remote], minlength=G * G).reshape(G, G)
-    dest_node, first_node = _distinct(node_of_gpu[dest])
-    remote_node = first_node & (dest_node != node_of_gpu[source])
-    senders = source[remote_node]
-    receivers = dest_node[remote_node] * per_node + senders % per_node
-    return (matrix, np.bincount(senders, minlength=G), np.bincount(receivers, minlength=G))
+    T, G = present.shape
+    N = int(node_of_gpu.max()) + 1
+    per_node = G // N
+    # Counting through a one-hot product: exact in float64 far beyond any trace length.
+    from_center = np.zeros((T, G))
+    from_center[np.arange(T), center] = 1.0
+    matrix = np.rint(from_center.T @ present).astype(np.int64)
+    np.fill_diagonal(matrix, 0)
+    remote_node = present.reshape(T, N, per_node).any(axis=2)           # [T, N]
+    remote_node[np.arange(T), node_of_gpu[center]] = False
+    per_source = np.rint(from_center.T @ remote_node).astype(np.int64)  # [G, N]
+    receivers = np.arange(N)[None, :] * per_node + (np.arange(G) % per_node)[:, None]
+    return (matrix, per_source.sum(axis=1),
+            np.bincount(receivers.ravel(), weights=per_source.ravel(), minlength=G
+                        ).astype(np.int64))
 
 
 def evaluate(
