@@ -321,3 +321,14 @@ def test_compare_adds_linear_and_speedups():
                             ("swapped", "follow")}
     assert rows[0]["speedup_vs_linear"] == 1.0
     assert rows[1]["speedup_vs_linear"] == pytest.approx(16 / rows[1]["moe_time_per_batch_s"])
+
+
+def test_follow_with_top1_is_one_exchange_per_layer():
+    rng = np.random.default_rng(1)
+    trace = make_trace(rng.integers(0, 8, (50, 4, 1)), num_experts=8)
+    model = ModelSpec("top1", "none", 4, (), 8, 1, 8, 4)
+    result, cost = evaluate(linear(4, 8, 4), trace, make_cluster(4, 2), model, "follow")
+    assert result.dispatch.tokens.sum() > 0
+    assert result.combine.tokens.sum() == 0 and result.combine.node_sent.sum() == 0
+    assert (cost.combine == 0).all() and (cost.dispatch > 0).all()
+    np.testing.assert_array_equal(result.traffic_bytes(model), result.traffic * 16)
