@@ -6,7 +6,8 @@ are dropped). Two splits: profile on MMLU and evaluate on GPQA; profile on the f
 MMLU and evaluate on the second. 8 H100 GPUs on 1 and on 2 nodes. Methods: linear,
 round_robin, eplb (R = 0 and R = G) and moetuner when registered (R = 0 and R = G, optimised
 for each execution model). MoE times come from moetuner's cost model: a model, not a
-measurement.
+measurement. The replay is also timed on a SYNTHETIC DeepSeek-V3-shaped trace (58 layers,
+256 experts, top-8, 100,000 tokens) from ``moetuner.synth``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moetuner.evaluate import EXEC_MODELS, compare, replay
 from moetuner.methods import PlaceOptions, methods, place
 from moetuner.models import get_model
 from moetuner.profile import profile_trace
+from moetuner.synth import synthesize_trace
 from moetuner.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,25 +89,34 @@ def main() -> None:
 
 
 def time_replay(trace, path: Path, repeat: int = 3) -> None:
-    """Median seconds of one replay of the whole trace, per execution model and policy."""
+    """Median seconds of one replay per execution model and replica policy: the whole
+    GPT-OSS trace, and a SYNTHETIC DeepSeek-V3-shaped trace on 64 GPUs."""
     full = load_trace(path)
-    cluster = make_cluster(GPUS, 2, "h100")
-    placement = place(profile_trace(trace), cluster, "eplb", PlaceOptions(redundant=GPUS))[0]
-    print(f"### replay time: {full.num_tokens} tokens x {full.num_layers} layers x "
-          f"top-{full.top_k}, eplb R={GPUS} on {GPUS} GPUs / 2 nodes, median of {repeat}\n")
-    print("| exec | replicas | median s | tokens/s |")
-    print("|---|---|---|---|")
-    for exec_model in EXEC_MODELS:
-        for policy in ("even", "nearest"):
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                replay(placement, full, cluster, exec_model, policy)
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
-            print(f"| {exec_model} | {policy} | {median:.2f} | {full.num_tokens / median:.3g} |")
+    gpt_cluster = make_cluster(GPUS, 2, "h100")
+    gpt = place(profile_trace(trace), gpt_cluster, "eplb", PlaceOptions(redundant=GPUS))[0]
+    synthetic = synthesize_trace(58, 256, 8, 100_000, seed=0)
+    big_cluster = make_cluster(64, 8, "h100")
+    big = place(profile_trace(synthetic), big_cluster, "eplb", PlaceOptions(redundant=64))[0]
+    cases = [(f"GPT-OSS-20B decode, eplb R={GPUS}, {GPUS} GPUs / 2 nodes", full, gpt,
+              gpt_cluster),
+             ("SYNTHETIC DeepSeek-V3 shape (fitted to the GPT-OSS slice), eplb R=64, "
+              "64 GPUs / 8 nodes", synthetic, big, big_cluster)]
+    print(f"### replay time (median of {repeat})\n")
+    print("| trace | tokens x layers x k | exec | replicas | median s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for label, events, placement, cluster in cases:
+        shape = f"{events.num_tokens} x {events.num_layers} x {events.top_k}"
+        for exec_model in EXEC_MODELS:
+            for policy in ("even", "nearest"):
+                times = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    replay(placement, events, cluster, exec_model, policy)
+                    times.append(time.perf_counter() - start)
+                median = statistics.median(times)
+                print(f"| {label} | {shape} | {exec_model} | {policy} | {median:.2f} | "
+                      f"{events.num_tokens / median:.3g} |")
     print()
-
 
 if __name__ == "__main__":
     main()
