@@ -320,6 +320,7 @@ def test_compare_adds_linear_and_speedups():
     assert set(replays) == {("linear", "return"), ("swapped", "return"), ("linear", "follow"),
                             ("swapped", "follow")}
     assert rows[0]["speedup_vs_linear"] == 1.0
+    assert rows[0]["traffic_tokens"] == 10 and rows[0]["traffic_bytes"] == 160
     assert rows[1]["speedup_vs_linear"] == pytest.approx(16 / rows[1]["moe_time_per_batch_s"])
 
 

@@ -429,7 +429,9 @@ def compare(
             replays[name, exec_model] = result
             times[name] = cost.total
             rows.append({"placement": name, "slots_per_gpu": placement.slots_per_gpu,
-                         **result.summary(), **cost.summary()})
+                         **result.summary(),
+                         "traffic_bytes": float(result.traffic.sum() * model.token_bytes),
+                         **cost.summary()})
         for row in rows[-len(placements):]:
             row["speedup_vs_linear"] = (times["linear"] / row["moe_time_per_batch_s"]
                                         if row["moe_time_per_batch_s"] else float("inf"))
