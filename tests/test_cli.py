@@ -45,3 +45,10 @@ def test_profiles_of_several_traces_add_up(tmp_path):
     assert run(["profile", str(SLICE), "--drop", "seq_repetition", "-o", str(single)]) == 0
     np.testing.assert_array_equal(once.transitions, 2 * load_profile(single).transitions)
     assert len(once.provenance) == 2
+
+
+def test_info_reads_a_loads_json_as_a_profile(tmp_path, capsys):
+    loads = tmp_path / "loads.json"
+    loads.write_text("[[3, 1, 2, 2], [1, 1, 1, 5]]")
+    assert run(["info", str(loads)]) == 0
+    assert "2 layers x 4 experts" in capsys.readouterr().out

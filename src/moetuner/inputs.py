@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moetuner import readers
 from moetuner.errors import InputError
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.trace import Trace, load_trace
@@ -34,9 +35,16 @@ def npz_keys(path: Path) -> list[str]:
 
 TRACE_READERS: list[TraceReader] = [
     (lambda p: "topk_ids" in npz_keys(p), lambda p, s, d: load_trace(p, s, d)),
+    (readers.is_sglang_per_token, readers.read_sglang_per_token),
+    (readers.is_vllm_dir, readers.read_vllm_dir),
+    (readers.is_vllm_npz, readers.read_vllm_npz),
+    (readers.is_vllm_jsonl, readers.read_vllm_jsonl),
+    (readers.is_exflow, readers.read_exflow),
 ]
 PROFILE_READERS: list[ProfileReader] = [
     (lambda p: "load" in npz_keys(p), load_profile),
+    (readers.is_sglang_stat, readers.read_sglang_stat),
+    (readers.is_loads, readers.read_loads),
 ]
 
 

@@ -206,6 +206,18 @@ class Placement:
         return placement
 
 
+def is_placement_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a moetuner placement JSON (rather than, say, a loads JSON)."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
 def load_placement(path: str | os.PathLike) -> Placement:
     """Read a placement JSON written by ``Placement.save``."""
     path = Path(path)

@@ -58,4 +58,4 @@ def main() -> None:
 
 
 # Command modules register themselves on ``app`` when imported.
-from moetuner.cli import evaluate, info, profile, report, synth  # noqa: E402,F401
+from moetuner.cli import collect, evaluate, export, info, profile, report, synth  # noqa: E402,F401

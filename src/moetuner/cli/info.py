@@ -14,7 +14,7 @@ from moetuner.cli import command, console
 from moetuner.cli.options import profile_with_progress
 from moetuner.errors import InputError
 from moetuner.inputs import is_trace, read_trace
-from moetuner.placement import load_placement
+from moetuner.placement import is_placement_file, load_placement
 from moetuner.profile import Profile
 
 
@@ -51,7 +51,7 @@ def info_command(
     """Summarise a trace, profile or placement in a readable table."""
     if not file.exists():
         raise InputError(file, "file", "an existing trace, profile or placement file")
-    if file.suffix == ".json":
+    if is_placement_file(file):
         placement = load_placement(file)
         meta = placement.metadata
         record = meta.get("record", {})

@@ -1,0 +1,52 @@
+"""``moetuner export``: write a placement (or, for ``sglang-count``, a profile) for an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetuner.cli import command, console
+from moetuner.cli.options import profile_with_progress
+from moetuner.errors import InputError
+from moetuner.export import FORMATS, LayerAxis, write_engine_files
+from moetuner.models import get_model
+from moetuner.placement import load_placement
+
+
+def parse_layer_list(text: str | None) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; empty or None -> ``()``."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError("--dense-layers", "dense_layers", "comma-separated layer indices",
+                         repr(text)) from None
+
+
+@command("export")
+def export_command(
+    source: Annotated[Path, typer.Argument(help="placement JSON (a profile or trace for "
+                                                "--format sglang-count)")],
+    fmt: Annotated[str, typer.Option("--format", help=f"one of {', '.join(FORMATS)}")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
+    model: Annotated[str | None, typer.Option("--model", help="model preset: gives the hidden "
+                                              "and dense layers (SGLang's layer axis)")] = None,
+    num_hidden_layers: Annotated[int | None, typer.Option(
+        "--num-hidden-layers", help="all transformer layers, dense included")] = None,
+    dense_layers: Annotated[str | None, typer.Option(
+        "--dense-layers", help="comma-separated hidden-layer indices without experts")] = None,
+) -> None:
+    """Write a placement in the file a serving engine loads and print the flags to use it."""
+    if fmt == "sglang-count":
+        data = profile_with_progress(str(source), None, None)
+    else:
+        data = load_placement(source)
+    axis = LayerAxis.resolve(data.num_layers, get_model(model) if model else None,
+                             num_hidden_layers, parse_layer_list(dense_layers))
+    written, flags = write_engine_files(data, fmt, output, axis)
+    # soft_wrap: the flags stay on one line, ready to copy.
+    console.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+    console.print(flags, markup=False, highlight=False, soft_wrap=True)

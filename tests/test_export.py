@@ -1,0 +1,258 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moetuner.cli import run
+from moetuner.errors import InputError
+from moetuner.export import (
+    LayerAxis,
+    check_sglang,
+    check_vllm_ascend,
+    placement_from_expert_gpu,
+    read_megatron,
+    read_sglang,
+    read_sglang_count,
+    read_vllm,
+    read_vllm_ascend,
+    sidecar_path,
+    write_engine_files,
+)
+from moetuner.models import get_model
+from moetuner.placement import Placement
+from moetuner.profile import Profile
+
+# 2 MoE layers, E = 4, G = 2, P = 6: expert 1 and 2 replicated in layer 0, 0 and 3 in layer 1.
+PHY2LOG = np.array([[0, 1, 2, 3, 1, 2],
+                    [3, 0, 1, 2, 0, 3]])
+
+
+def example(**kwargs) -> Placement:
+    return Placement(phy2log=PHY2LOG, num_gpus=2, num_experts=4,
+                     metadata={"method": "hand"}, **kwargs)
+
+
+def test_sglang_round_trip_with_dense_layers(tmp_path):
+    out = tmp_path / "p.json"
+    axis = LayerAxis.resolve(2, num_hidden_layers=4, dense_layers=(0, 2))
+    written, flags = write_engine_files(example(), "sglang", out, axis)
+    assert written == [out, tmp_path / "p.meta.json"]
+    data = json.loads(out.read_text())
+    assert list(data) == ["physical_to_logical_map"]
+    rows = np.array(data["physical_to_logical_map"])
+    # Dense layers get SGLang's trivial row p % E; MoE layers 1 and 3 hold the placement.
+    assert rows.tolist() == [[0, 1, 2, 3, 0, 1], PHY2LOG[0].tolist(),
+                             [0, 1, 2, 3, 0, 1], PHY2LOG[1].tolist()]
+    check_sglang(data, num_hidden_layers=4, num_experts=4, num_gpus=2)
+    assert "--init-expert-location" in flags and "--ep-num-redundant-experts 2" in flags
+    back = read_sglang(out)
+    assert np.array_equal(back.phy2log, PHY2LOG)
+    assert (back.num_gpus, back.num_experts, back.metadata) == (2, 4, {"method": "hand"})
+
+
+def test_sglang_layer_axis_from_model_preset(tmp_path):
+    spec = get_model("deepseek-v3")
+    phy2log = np.tile(np.arange(256), (spec.num_moe_layers, 1))
+    placement = Placement(phy2log=phy2log, num_gpus=8, num_experts=256)
+    out = tmp_path / "v3.json"
+    write_engine_files(placement, "sglang", out, LayerAxis.resolve(placement.num_layers, spec))
+    rows = check_sglang(json.loads(out.read_text()), 61, 256, 8)
+    assert rows.shape == (61, 256)
+    assert np.array_equal(read_sglang(out).phy2log, phy2log)
+
+
+MAP = "physical_to_logical_map"
+
+
+@pytest.mark.parametrize("data, redundant, field", [
+    ({MAP: [[0, 1, 2, 3]] * 2, "note": 1}, None, "keys"),           # extra key
+    ({MAP: [[0, 1, 2, 3]] * 3}, None, MAP),                          # 3 rows for 2 layers
+    ({MAP: [[0, 1, 2]] * 2}, None, MAP),                             # fewer slots than E
+    ({MAP: [[0, 1, 2, 4]] * 2}, None, MAP),                          # id out of range
+    ({MAP: [[0, 1, 2, 3], [0, 1]]}, None, MAP),                      # ragged rows
+    ({MAP: [[0, 1, 2, 2]] * 2}, None, MAP),                          # expert 3 missing
+    ({MAP: [[0, 1, 2, 3, 0, 1, 2, 3]] * 2}, 2, MAP),                 # 8 slots, not E + R = 6
+    ({"logical_count": [[1, 2, 3]] * 2}, None, "logical_count"),     # 3 experts, not 4
+    ({"logical_count": [[1, 2, 3, -4]] * 2}, None, "logical_count"),
+    ([[0, 1, 2, 3]], None, "keys"),
+])
+def test_sglang_loader_mirror_rejects(data, redundant, field):
+    with pytest.raises(InputError) as err:
+        check_sglang(data, num_hidden_layers=2, num_experts=4, num_gpus=2,
+                     num_redundant=redundant)
+    assert err.value.field == field
+
+
+def test_sglang_loader_mirror_accepts():
+    rows = check_sglang({MAP: [[0, 1, 2, 3, 0, 1, 2, 3]] * 2}, 2, 4, 2, num_redundant=4)
+    assert rows.shape == (2, 8)
+
+
+def test_sglang_loader_mirror_accepts_steps_of_counts():
+    counts = check_sglang({"logical_count": [[[1, 2], [0, 1]], [[1, 0], [2, 2]]]}, 2, 2, 1)
+    assert counts.tolist() == [[2, 2], [2, 3]]
+
+
+def test_sglang_output_must_end_in_json(tmp_path):
+    with pytest.raises(InputError, match="inline JSON"):
+        write_engine_files(example(), "sglang", tmp_path / "p.txt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_sglang_count_round_trip(tmp_path):
+    profile = Profile.from_load(np.array([[5, 1, 0, 2], [3, 3, 1, 1]]), top_k=1)
+    axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
+    out = tmp_path / "count.json"
+    write_engine_files(profile, "sglang-count", out, axis)
+    assert json.loads(out.read_text()) == {"logical_count": [[0, 0, 0, 0], [5, 1, 0, 2],
+                                                             [3, 3, 1, 1]]}
+    assert np.array_equal(read_sglang_count(out, axis, 4).load, profile.load)
+
+
+def test_vllm_round_trip_and_records(tmp_path):
+    out = tmp_path / "v.json"
+    axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
+    written, flags = write_engine_files(example(), "vllm", out, axis)
+    assert json.loads(out.read_text()) == PHY2LOG.tolist()
+    records = [json.loads(line) for line in written[1].read_text().splitlines()]
+    assert [r["eplb_initial_mapping"]["layer"] for r in records] == [1, 2]
+    assert records[1]["eplb_initial_mapping"]["phy2log"] == PHY2LOG[1].tolist()
+    assert "num_redundant_experts" in flags
+    assert np.array_equal(read_vllm(out, num_gpus=2).phy2log, PHY2LOG)
+
+
+def test_vllm_ascend_round_trip(tmp_path):
+    out = tmp_path / "a.json"
+    write_engine_files(example(), "vllm-ascend", out)
+    data = json.loads(out.read_text())
+    assert data["moe_layer_count"] == 2
+    assert data["layer_list"][1]["device_list"][1] == {"device_id": 1,
+                                                       "device_expert": [2, 0, 3]}
+    assert check_vllm_ascend(data).shape == (2, 2, 3)
+    back = read_vllm_ascend(out)
+    assert np.array_equal(back.phy2log, PHY2LOG) and back.num_gpus == 2
+
+
+def _ascend(layers):
+    return {"moe_layer_count": len(layers),
+            "layer_list": [{"layer_id": i, "device_count": len(d),
+                            "device_list": [{"device_id": g, "device_expert": e}
+                                            for g, e in enumerate(d)]}
+                           for i, d in enumerate(layers)]}
+
+
+@pytest.mark.parametrize("data", [
+    {"layer_list": []},
+    {**_ascend([[[0, 1], [2, 3]]]), "moe_layer_count": 2},
+    _ascend([[[0, 1], [2]]]),                        # ragged devices: no [G, S] tensor
+    _ascend([[[0, 1], [2, 3]], [[0, 1, 2, 3]]]),     # device count changes between layers
+    {"moe_layer_count": 1, "layer_list": [{"device_list": [{"experts": [0]}]}]},
+])
+def test_vllm_ascend_shape_rules(data):
+    with pytest.raises(InputError):
+        check_vllm_ascend(data)
+
+
+def test_megatron_refuses_replicas(tmp_path):
+    with pytest.raises(InputError, match="no replicas"):
+        write_engine_files(example(), "megatron", tmp_path / "m.npy")
+    assert not (tmp_path / "m.npy").exists()
+
+
+def test_megatron_round_trip_with_empty_slots(tmp_path):
+    # Free cluster sizes: GPU 0 holds 3 experts in layer 0, GPU 1 holds 1.
+    phy2log = np.array([[0, 2, 3, 1, -1, -1], [0, 1, -1, 2, 3, -1]])
+    placement = Placement(phy2log=phy2log, num_gpus=2, num_experts=4, allow_empty_slots=True)
+    for fmt in ("sglang", "vllm", "vllm-ascend"):
+        with pytest.raises(InputError, match="megatron"):
+            write_engine_files(placement, fmt, tmp_path / f"{fmt}.json")
+    out = tmp_path / "m.npy"
+    write_engine_files(placement, "megatron", out)
+    assert np.load(out).tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
+    back = read_megatron(out, num_gpus=2)
+    assert np.array_equal(back.replicas_on_gpu, placement.replicas_on_gpu)
+    assert np.array_equal(back.phy2log, phy2log)
+
+
+def test_expert_gpu_equal_sizes_matches_placement_builder():
+    expert_gpu = np.array([[1, 0, 1, 0], [0, 0, 1, 1]])
+    assert np.array_equal(placement_from_expert_gpu(expert_gpu, 2).phy2log,
+                          Placement.from_expert_gpu(expert_gpu, 2).phy2log)
+
+
+@st.composite
+def placements(draw):
+    G = draw(st.integers(1, 4))
+    E = G * draw(st.integers(1, 3))
+    R = G * draw(st.integers(0, 2))
+    L = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    rows = [rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, R)]))
+            for _ in range(L)]
+    return Placement(phy2log=np.array(rows), num_gpus=G, num_experts=E, allow_shared_gpu=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(placements(), st.integers(0, 2))
+def test_every_format_round_trips(tmp_path_factory, placement, dense):
+    tmp = tmp_path_factory.mktemp("rt")
+    axis = LayerAxis.resolve(placement.num_layers, num_hidden_layers=placement.num_layers + dense,
+                             dense_layers=tuple(range(dense)))
+    write_engine_files(placement, "sglang", tmp / "s.json", axis)
+    write_engine_files(placement, "vllm", tmp / "v.json", axis)
+    write_engine_files(placement, "vllm-ascend", tmp / "a.json", axis)
+    for back in (read_sglang(tmp / "s.json"),
+                 read_vllm(tmp / "v.json", placement.num_gpus, placement.num_experts),
+                 read_vllm_ascend(tmp / "a.json", placement.num_experts)):
+        assert np.array_equal(back.phy2log, placement.phy2log)
+        assert back.num_gpus == placement.num_gpus
+    if (placement.logcnt == 1).all():
+        write_engine_files(placement, "megatron", tmp / "m.npy")
+        back = read_megatron(tmp / "m.npy", placement.num_gpus)
+        assert np.array_equal(back.replicas_on_gpu, placement.replicas_on_gpu)
+
+
+def test_layer_axis_rejects_wrong_counts():
+    with pytest.raises(InputError):
+        LayerAxis.resolve(3, num_hidden_layers=4, dense_layers=(0, 1))
+    with pytest.raises(InputError):
+        LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(5,))
+
+
+def test_sidecar_path():
+    assert sidecar_path("out/p.json").name == "p.meta.json"
+    assert sidecar_path("out/p").name == "p.meta.json"
+
+
+def test_cli_export_prints_flags(tmp_path, capsys):
+    src = tmp_path / "place.json"
+    example().save(src)
+    out = tmp_path / "sg.json"
+    assert run(["export", str(src), "--format", "sglang", "--num-hidden-layers", "3",
+                "--dense-layers", "0", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"--init-expert-location {out}" in printed
+    assert "--ep-num-redundant-experts 2" in printed
+    assert len(json.loads(out.read_text())["physical_to_logical_map"]) == 3
+
+
+def test_cli_export_bad_input_exit_2(tmp_path, capsys):
+    src = tmp_path / "place.json"
+    example().save(src)
+    out = tmp_path / "m.npy"
+    assert run(["export", str(src), "--format", "megatron", "-o", str(out)]) == 2
+    assert run(["export", str(src), "--format", "sglang", "--model", "mixtral-8x7b",
+                "-o", str(tmp_path / "s.json")]) == 2
+    assert run(["export", str(src), "--format", "nope", "-o", str(out)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["place.json"]
+
+
+def test_cli_export_sglang_count_from_profile(tmp_path):
+    prof = tmp_path / "prof.npz"
+    Profile.from_load(np.array([[2, 0, 1, 1]]), top_k=1).save(prof)
+    out = tmp_path / "count.json"
+    assert run(["export", str(prof), "--format", "sglang-count", "-o", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"logical_count": [[2, 0, 1, 1]]}
