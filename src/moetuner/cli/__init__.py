@@ -58,4 +58,13 @@ def main() -> None:
 
 
 # Command modules register themselves on ``app`` when imported.
-from moetuner.cli import collect, export, info, place, profile, synth  # noqa: E402,F401
+from moetuner.cli import (  # noqa: E402,F401
+    collect,
+    evaluate,
+    export,
+    info,
+    place,
+    profile,
+    report,
+    synth,
+)
