@@ -30,17 +30,15 @@ Assumptions:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moetuner.cluster import Cluster
 from moetuner.errors import InputError
-from moetuner.io import write_json
+from moetuner.io import read_json, write_json
 from moetuner.models import ModelSpec
 
 if TYPE_CHECKING:
@@ -122,14 +120,8 @@ class CostCoefficients:
 
 def load_coefficients(path: str | os.PathLike) -> CostCoefficients:
     """Read cost coefficients from JSON (keys: the fields of ``CostCoefficients``)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file", "an existing calibration JSON") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "a calibration JSON object", exc) from None
-    return CostCoefficients.from_dict(data, source=str(path))
+    return CostCoefficients.from_dict(read_json(path, "a calibration JSON object"),
+                                      source=str(path))
 
 
 @dataclass(frozen=True)
