@@ -1,7 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 
-from moetuner.io import write_atomic, write_npz
+from moetuner.errors import InputError
+from moetuner.io import open_npz, read_json, write_atomic, write_npz
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -27,7 +30,6 @@ def test_failed_write_keeps_previous_file(tmp_path):
 
 
 def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
-    import os
     umask = os.umask(0o022)
     try:
         write_npz(tmp_path / "a.npz", a=np.arange(2))
@@ -37,8 +39,6 @@ def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
 
 
 def test_read_helpers_name_the_file(tmp_path):
-    from moetuner.errors import InputError
-    from moetuner.io import open_npz, read_json
     (tmp_path / "x.json").write_text("{nope")
     with pytest.raises(InputError, match="x.json: file: expected a thing"):
         read_json(tmp_path / "x.json", "a thing")
