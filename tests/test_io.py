@@ -1,7 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 
-from moetuner.io import write_atomic, write_npz
+from moetuner.errors import InputError
+from moetuner.io import open_npz, read_json, write_atomic, write_npz
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -24,3 +27,23 @@ def test_failed_write_keeps_previous_file(tmp_path):
     with np.load(target) as data:
         np.testing.assert_array_equal(data["a"], np.arange(3))
     assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
+
+
+def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_npz(tmp_path / "a.npz", a=np.arange(2))
+        assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+def test_read_helpers_name_the_file(tmp_path):
+    (tmp_path / "x.json").write_text("{nope")
+    with pytest.raises(InputError, match="x.json: file: expected a thing"):
+        read_json(tmp_path / "x.json", "a thing")
+    np.save(tmp_path / "y.npy", np.arange(2))
+    with pytest.raises(InputError, match="single .npy"):
+        open_npz(tmp_path / "y.npy", "an archive")
+    with pytest.raises(InputError, match="an existing file"):
+        open_npz(tmp_path / "missing.npz", "an archive")

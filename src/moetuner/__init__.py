@@ -6,8 +6,10 @@ transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> 
 
 from moetuner.cluster import Cluster, GPUSpec, make_cluster
 from moetuner.collect import collect_trace
+from moetuner.costmodel import CostBreakdown, CostCoefficients, load_coefficients, predict
 from moetuner.eplb import rebalance_experts
 from moetuner.errors import InputError
+from moetuner.evaluate import Replay, compare, replay
 from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
@@ -19,9 +21,10 @@ from moetuner.synth import SynthFit, is_synthetic, synthesis_fit, synthesize_tra
 from moetuner.trace import Trace, load_trace
 
 __all__ = [
-    "Cluster", "GPUSpec", "InputError", "ModelSpec", "PlaceOptions", "Placement", "Profile",
-    "SolveRecord", "Trace", "get_model", "load_placement", "load_profile", "load_trace",
-    "make_cluster", "methods", "place", "profile_trace", "read_profile", "read_trace",
-    "FORMATS", "LayerAxis", "collect_trace", "rebalance_experts", "write_engine_files",
-    "SynthFit", "is_synthetic", "synthesis_fit", "synthesize_trace", "profiles_by_label",
+    "FORMATS", "Cluster", "CostBreakdown", "CostCoefficients", "GPUSpec", "InputError",
+    "LayerAxis", "ModelSpec", "PlaceOptions", "Placement", "Profile", "Replay", "SolveRecord",
+    "SynthFit", "Trace", "collect_trace", "compare", "get_model", "is_synthetic",
+    "load_coefficients", "load_placement", "load_profile", "load_trace", "make_cluster",
+    "methods", "place", "predict", "profile_trace", "profiles_by_label", "read_profile", "read_trace",
+    "rebalance_experts", "replay", "synthesis_fit", "synthesize_trace", "write_engine_files",
 ]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import write_atomic, write_json, write_npy
+from moetuner.io import read_json, write_atomic, write_json, write_npy
 from moetuner.models import ModelSpec
 from moetuner.placement import Placement, _jsonable
 from moetuner.profile import Profile
@@ -150,10 +150,10 @@ def read_sglang(path: str | os.PathLike, meta_path: str | os.PathLike | None = N
     """Read an ``--init-expert-location`` file and its sidecar back into a placement."""
     path = Path(path)
     meta_path = Path(meta_path) if meta_path else sidecar_path(path)
-    meta = _read_json(meta_path, "the sidecar moetuner wrote beside the SGLang file")
+    meta = read_json(meta_path, "the sidecar moetuner wrote beside the SGLang file")
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise InputError(meta_path, "format", f'"{SIDECAR_FORMAT}"')
-    phy2log = check_sglang(_read_json(path, "an SGLang placement JSON"),
+    phy2log = check_sglang(read_json(path, "an SGLang placement JSON"),
                            meta["num_hidden_layers"], meta["num_experts"], meta["num_gpus"],
                            meta.get("ep_num_redundant_experts"), str(path))
     return Placement(phy2log=phy2log[meta["moe_layers"]], num_gpus=meta["num_gpus"],
@@ -172,7 +172,7 @@ def to_sglang_count(profile: Profile, axis: LayerAxis) -> dict:
 
 def read_sglang_count(path: str | os.PathLike, axis: LayerAxis, num_experts: int) -> Profile:
     """Read a ``logical_count`` file back into a loads-only profile of the MoE layers."""
-    load = check_sglang(_read_json(path, "an SGLang logical_count JSON"), axis.num_hidden_layers,
+    load = check_sglang(read_json(path, "an SGLang logical_count JSON"), axis.num_hidden_layers,
                         num_experts, 1, source=str(path))
     return Profile.from_load(load[list(axis.moe_layers)], source=str(path))
 
@@ -198,7 +198,7 @@ def vllm_mapping_records(placement: Placement, axis: LayerAxis) -> list[dict]:
 def read_vllm(path: str | os.PathLike, num_gpus: int, num_experts: int | None = None
               ) -> Placement:
     """Read a JSON list of phy2log lists (E: the largest id + 1 unless given)."""
-    data = _read_json(path, "a JSON list of phy2log lists")
+    data = read_json(path, "a JSON list of phy2log lists")
     try:
         phy2log = np.asarray(data, dtype=np.int64)
     except (TypeError, ValueError):
@@ -260,7 +260,7 @@ def check_vllm_ascend(data: object, source: str = "<vllm-ascend>") -> np.ndarray
 
 def read_vllm_ascend(path: str | os.PathLike, num_experts: int | None = None) -> Placement:
     """Read an ``expert_map_path`` JSON back into a placement."""
-    tables = check_vllm_ascend(_read_json(path, "a vLLM-Ascend expert map JSON"), str(path))
+    tables = check_vllm_ascend(read_json(path, "a vLLM-Ascend expert map JSON"), str(path))
     L, G, S = tables.shape
     experts = int(tables.max()) + 1 if num_experts is None else num_experts
     return Placement(phy2log=tables.reshape(L, G * S), num_gpus=G, num_experts=experts,
@@ -386,12 +386,3 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     write_atomic(path, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in records))
-
-
-def _read_json(path: str | os.PathLike, expected: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file", f"an existing file: {expected}") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", expected, exc) from None

@@ -12,6 +12,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from moetuner.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
@@ -23,6 +25,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file 0600; give it the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -53,3 +59,28 @@ def write_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarr
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write one array to an ``.npy`` at ``path`` atomically."""
     write_atomic(path, lambda handle: np.save(handle, array), binary=True)
+
+
+def read_json(path: str | os.PathLike, expected: str) -> Any:
+    """Parse the JSON file ``path``; an ``InputError`` saying ``expected`` if it is missing or
+    not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file", f"an existing file: {expected}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", expected, exc) from None
+
+
+def open_npz(path: str | os.PathLike, expected: str) -> np.lib.npyio.NpzFile:
+    """Open the ``.npz`` at ``path`` (use as a context manager); an ``InputError`` saying
+    ``expected`` if it is missing or not an ``.npz``."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(path, "file", f"an existing file: {expected}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", expected, exc) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(path, "file", expected, "a single .npy array")
+    return data

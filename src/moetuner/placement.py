@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import write_json
+from moetuner.io import read_json, write_json
 
 FORMAT = "moetuner.placement"
 VERSION = 1
@@ -220,14 +220,7 @@ def is_placement_file(path: str | os.PathLike) -> bool:
 
 def load_placement(path: str | os.PathLike) -> Placement:
     """Read a placement JSON written by ``Placement.save``."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file", "an existing placement file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "a moetuner placement JSON", exc) from None
-    return Placement.from_dict(data, source=str(path))
+    return Placement.from_dict(read_json(path, "a moetuner placement JSON"), source=str(path))
 
 
 def _jsonable(obj):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import write_npz
+from moetuner.io import open_npz, write_npz
 from moetuner.trace import Trace
 
 # Upper bound on the pair indices materialised per chunk (about 32 MB of int64).
@@ -266,13 +266,7 @@ def profile_trace(
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read a profile ``.npz`` written by ``Profile.save``, validating every field."""
     path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(path, "file", "an existing profile file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "a numpy .npz profile", exc) from None
-    with data:
+    with open_npz(path, "a numpy .npz profile") as data:
         if "load" not in data.files:
             raise InputError(path, "load", "an array [layers, experts] in the .npz")
         arrays = {name: data[name] for name in data.files}

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.profile import Profile, mutual_information
-from moetuner.trace import Trace, load_trace
+from moetuner.profile import Profile, load_profile, mutual_information
+from moetuner.trace import Trace
 
 # Random monotone couplings averaged into one layer-to-layer coupling (successors per expert).
 FANOUT = 4
@@ -40,7 +40,9 @@ SEQUENCE_TOKENS = 512
 REDRAW_ROUNDS = 8
 # Guide-table buckets per table entry in ``_search`` (more: fewer keys step forward).
 GUIDE_BUCKETS = 4
-DEFAULT_LIKE = Path(__file__).resolve().parents[2] / "data" / "gpt-oss-20b" / "slice.npz"
+# Profile of the shipped GPT-OSS-20B slice (data/gpt-oss-20b, repetitions dropped), packaged
+# so that installed copies fit synthetic traces without the repository.
+DEFAULT_LIKE = Path(__file__).resolve().parent / "data" / "gpt-oss-20b-slice-profile.npz"
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,7 @@ class SynthFit:
 
 def default_like() -> Profile:
     """The profile synthetic traces are fitted to by default: the shipped GPT-OSS-20B slice."""
-    from moetuner.profile import profile_trace
-
-    if not DEFAULT_LIKE.exists():
-        raise InputError(DEFAULT_LIKE, "file", "the shipped GPT-OSS slice, or pass like=")
-    return profile_trace(load_trace(DEFAULT_LIKE))
+    return load_profile(DEFAULT_LIKE)
 
 
 def synthesize_trace(

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import write_npz
+from moetuner.io import open_npz, write_npz
 
 
 @dataclass(frozen=True)
@@ -222,14 +222,8 @@ def load_trace(
             largest id + 1.
     """
     path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(path, "file", "an existing trace file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "a numpy .npz trace", exc) from None
-    with data:
-        if not hasattr(data, "files") or "topk_ids" not in data.files:
+    with open_npz(path, "a numpy .npz trace") as data:
+        if "topk_ids" not in data.files:
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
         ids = data["topk_ids"]
         weights = data["topk_weights"] if "topk_weights" in data.files else None

@@ -35,7 +35,8 @@ def command(name: str) -> Callable[[Callable], Callable]:
             try:
                 return function(*args, **kwargs)
             except InputError as exc:
-                err_console.print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+                err_console.print(f"error: {exc}", style="bold red", markup=False, highlight=False,
+                                  soft_wrap=True)
                 raise typer.Exit(2) from None
 
         app.command(name)(checked)
@@ -58,4 +59,13 @@ def main() -> None:
 
 
 # Command modules register themselves on ``app`` when imported.
-from moetuner.cli import collect, export, info, profile, synth  # noqa: E402,F401
+from moetuner.cli import (  # noqa: E402,F401
+    collect,
+    evaluate,
+    export,
+    info,
+    place,
+    profile,
+    report,
+    synth,
+)

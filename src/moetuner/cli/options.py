@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,3 +55,17 @@ def profile_with_progress(path: str, select: list[str] | None, drop: list[str] |
     progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
     with progress:
         return profile_trace(trace, progress=advance)
+
+ModelName = Annotated[str | None, typer.Option(
+    "--model", help="model preset for the cost model (default: the preset matching the trace)")]
+ExecModel = Annotated[str, typer.Option(
+    "--exec", help="execution model: return, follow or both")]
+ReplicaPolicy = Annotated[str, typer.Option(
+    "--replica-policy", help="replica choice: even (vLLM) or nearest (SGLang)")]
+Calibration = Annotated[Path | None, typer.Option(
+    "--calibration", help="cost-model coefficients JSON (default: built-in assumptions)")]
+EvalTrace = Annotated[Path, typer.Option("--trace", help="held-out routing trace to replay")]
+Placements = Annotated[list[Path], typer.Argument(help="placement JSON files to compare")]
+PlacementGpus = Annotated[int | None, typer.Option(
+    "--gpus", help="expert-parallel GPUs (default: the placements')")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print the numbers as JSON")]

@@ -112,19 +112,26 @@ Solver = Callable[[Profile, Cluster, PlaceOptions], tuple[np.ndarray, SolveRecor
 _METHODS: dict[str, Solver] = {}
 # Methods whose placements may hold two replicas of one expert on one GPU (published EPLB).
 _SHARES_GPUS: set[str] = set()
+# Methods whose placements may leave slots empty (-1; the paper's free cluster sizes).
+_LEAVES_EMPTY: set[str] = set()
 
 
-def register(name: str, may_share_gpus: bool = False) -> Callable[[Solver], Solver]:
+def register(name: str, may_share_gpus: bool = False, may_leave_empty: bool = False
+             ) -> Callable[[Solver], Solver]:
     """Register ``solve(profile, cluster, options) -> (phy2log [L, P], SolveRecord)``.
 
     ``may_share_gpus`` marks a method (a published baseline) that can put two replicas of
-    one expert on one GPU; its placements are accepted as they are.
+    one expert on one GPU; its placements are accepted as they are. ``may_leave_empty``
+    marks a method whose ``phy2log`` may hold -1 (empty slots, unequal experts per GPU); such
+    a placement is flagged ``allow_empty_slots`` only when it has an empty slot.
     """
 
     def wrap(solve: Solver) -> Solver:
         _METHODS[name] = solve
         if may_share_gpus:
             _SHARES_GPUS.add(name)
+        if may_leave_empty:
+            _LEAVES_EMPTY.add(name)
         return solve
 
     return wrap
@@ -163,7 +170,9 @@ def place(
         "profile": profile.provenance,
         "record": record.to_dict(),
     }
-    placement = Placement(phy2log=np.asarray(phy2log, dtype=np.int64), num_gpus=cluster.num_gpus,
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    placement = Placement(phy2log=phy2log, num_gpus=cluster.num_gpus,
                           num_experts=profile.num_experts, metadata=metadata,
-                          allow_shared_gpu=method in _SHARES_GPUS)
+                          allow_shared_gpu=method in _SHARES_GPUS,
+                          allow_empty_slots=method in _LEAVES_EMPTY and bool((phy2log < 0).any()))
     return placement, record

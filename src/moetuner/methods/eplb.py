@@ -189,7 +189,8 @@ def rebalance_experts(
         weight: ``[L, E]`` load of each logical expert.
         num_replicas: physical experts per layer (P), a multiple of ``num_gpus``.
         num_groups: expert groups (E divisible); hierarchical policy when ``num_nodes``
-            divides it, global policy otherwise.
+            divides it (and, with ``fixed``, when a node's GPUs can hold its experts' copies
+            apart), global policy otherwise.
         num_nodes: server nodes.
         num_gpus: GPUs, a multiple of ``num_nodes``.
         fixed: never put two replicas of one expert on one GPU.
@@ -201,7 +202,10 @@ def rebalance_experts(
     """
     weight = np.asarray(weight, dtype=np.float64)
     L, E = weight.shape
-    if num_groups % num_nodes == 0:
+    # The fixed variant keeps a node's copies of an expert on distinct GPUs of that node, so
+    # the hierarchical policy only fits when each GPU's slots fit the node's experts.
+    fits = not fixed or num_replicas // num_gpus <= E // num_nodes
+    if num_groups % num_nodes == 0 and fits:
         phy2log, rank, logcnt = rebalance_hierarchical(weight, num_replicas, num_groups,
                                                        num_nodes, num_gpus, fixed)
     else:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job on the shipped GPT-OSS-20B slice: profile -> place -> evaluate -> export.
+# Outputs go to out/ (override with OUT=dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRACE=data/gpt-oss-20b/slice.npz
+OUT=${OUT:-out}
+CLUSTER=(--gpus 8 --nodes 2 --gpu h100)
+
+moetuner profile "$TRACE" --select 'seq_dataset=mmlu*' --drop seq_repetition -o "$OUT/mmlu.npz"
+moetuner info "$OUT/mmlu.npz"
+moetuner place "$OUT/mmlu.npz" "${CLUSTER[@]}" --method moetuner --time-limit 20 \
+    -o "$OUT/moetuner.json"
+moetuner place "$OUT/mmlu.npz" "${CLUSTER[@]}" --redundant 8 --method eplb -o "$OUT/eplb.json"
+moetuner evaluate "$OUT/moetuner.json" "$OUT/eplb.json" --trace "$TRACE" \
+    --select 'seq_dataset=gpqa*' --drop seq_repetition --model gpt-oss-20b "${CLUSTER[@]}" \
+    --exec both
+moetuner export "$OUT/moetuner.json" --format sglang --model gpt-oss-20b -o "$OUT/sglang.json"

@@ -1,0 +1,105 @@
+"""``moetuner place``: place a profile's experts on a cluster with one method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from moetuner.cli import command, console
+from moetuner.cli.options import (
+    Drop,
+    GpuName,
+    Gpus,
+    InterBw,
+    IntraBw,
+    Nodes,
+    Select,
+    cluster_from_flags,
+    profile_with_progress,
+)
+from moetuner.errors import InputError
+from moetuner.methods import PlaceOptions, SolveRecord, place
+from moetuner.placement import Placement
+from moetuner.profile import Profile
+
+
+def gpu_load_ratio(placement: Placement, profile: Profile) -> np.ndarray:
+    """``[L]`` busiest GPU's load / mean GPU load per layer (1.0 = perfect balance); a
+    replicated expert's load splits evenly over its copies."""
+    per_copy = profile.load / np.maximum(placement.logcnt, 1)               # [L, E]
+    gpu_load = np.einsum("le,leg->lg", per_copy, placement.replicas_on_gpu)
+    mean = gpu_load.mean(axis=1)
+    return np.divide(gpu_load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+def parse_params(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings to a dict (numbers parsed as such)."""
+    params = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError("--param", "param", "KEY=VALUE", repr(pair))
+        for kind in (int, float):
+            try:
+                params[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            params[key] = value
+    return params
+
+
+def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
+    """The short table ``place`` prints."""
+    table = Table("method", "status", "objective", "bound", "gap", "solve s",
+                  "max/mean GPU load (mean, worst layer)")
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.6g}"
+
+    table.add_row(record.method, record.status, number(record.objective), number(record.bound),
+                  "-" if record.gap is None else f"{100 * record.gap:.2f}%",
+                  f"{record.solve_time:.2f}", f"{ratio.mean():.3f}, {ratio.max():.3f}")
+    return table
+
+
+@command("place")
+def place_command(
+    source: Annotated[Path, typer.Argument(help="routing trace or profile (.npz)")],
+    gpus: Gpus,
+    output: Annotated[Path, typer.Option("-o", "--output", help="placement JSON to write")],
+    method: Annotated[str, typer.Option("--method", help="placement method")] = "moetuner",
+    nodes: Nodes = 1,
+    gpu: GpuName = "h100",
+    intra_bw: IntraBw = None,
+    inter_bw: InterBw = None,
+    redundant: Annotated[int, typer.Option("--redundant", help="redundant slots per layer (R)")
+                         ] = 0,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="solver seconds")] = 60.0,
+    seed: Annotated[int, typer.Option("--seed", help="random seed")] = 0,
+    gap: Annotated[float, typer.Option("--gap", help="relative gap to stop at")] = 0.025,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="method setting KEY=VALUE (e.g. sizes=free, ilp2=heuristic); "
+        "repeatable")] = None,
+    select: Select = None,
+    drop: Drop = None,
+) -> None:
+    """Place the experts of a trace (profiled on the fly) or profile on GPUs."""
+    if time_limit <= 0:
+        raise InputError("--time-limit", "time_limit", "a positive number of seconds",
+                         time_limit)
+    if not 0 <= gap < 1:
+        raise InputError("--gap", "gap", "a relative gap in [0, 1)", gap)
+    cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
+    options = PlaceOptions(redundant=redundant, time_limit=time_limit, seed=seed, gap=gap,
+                           params=parse_params(param))
+    profile = profile_with_progress(str(source), select, drop)
+    placement, record = place(profile, cluster, method, options)
+    placement.save(output)
+    console.print(summary_table(record, gpu_load_ratio(placement, profile)))
+    console.print(f"{record.log}\n-> {output}", markup=False, highlight=False)

@@ -1,0 +1,61 @@
+"""``moetuner report``: the evaluation as an HTML page with plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetuner.cli import command, console
+from moetuner.cli.evaluate import read_inputs
+from moetuner.cli.options import (
+    Calibration,
+    Drop,
+    EvalTrace,
+    ExecModel,
+    GpuName,
+    InterBw,
+    IntraBw,
+    ModelName,
+    Nodes,
+    PlacementGpus,
+    Placements,
+    ReplicaPolicy,
+    Select,
+)
+from moetuner.errors import InputError
+from moetuner.profile import profile_trace
+from moetuner.report import write_report
+
+
+@command("report")
+def report_command(
+    placements: Placements,
+    trace: EvalTrace,
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write into")],
+    layer: Annotated[int, typer.Option(
+        "--layer", help="MoE layer whose transitions to the next layer are plotted")] = 0,
+    select: Select = None,
+    drop: Drop = None,
+    model: ModelName = None,
+    gpus: PlacementGpus = None,
+    nodes: Nodes = 1,
+    gpu: GpuName = "h100",
+    intra_bw: IntraBw = None,
+    inter_bw: InterBw = None,
+    exec_model: ExecModel = "both",
+    replica_policy: ReplicaPolicy = "even",
+    calibration: Calibration = None,
+) -> None:
+    """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
+    inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
+                         inter_bw, exec_model, replica_policy, calibration)
+    if not 0 <= layer < inputs.trace.num_layers - 1:
+        raise InputError("--layer", "layer",
+                         f"a layer in [0, {inputs.trace.num_layers - 1}) (it has a next one)",
+                         layer)
+    transitions = profile_trace(inputs.trace).transitions[layer]
+    rows, replays = inputs.compare()
+    page = write_report(output, rows, replays, transitions, layer, inputs.header())
+    console.print(f"wrote {page} (MoE times are predicted by a cost model, not measured)")
