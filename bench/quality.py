@@ -71,9 +71,9 @@ def main() -> None:
     parser.add_argument("--trace", default=TRACE)
     parser.add_argument("--quick", action="store_true", help="R = 0 only, short time limits")
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds per joint solve (default 8, quick 3)")
+                        help="seconds per solve (default 6, quick 3)")
     args = parser.parse_args()
-    limit = args.time_limit or (3.0 if args.quick else 8.0)
+    limit = args.time_limit or (3.0 if args.quick else 6.0)
     model = get_model("gpt-oss-20b")
     trace = load_trace(args.trace, drop=["seq_repetition"])
     available = methods()

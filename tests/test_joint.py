@@ -9,11 +9,13 @@ from moetuner import (
     InputError,
     PlaceOptions,
     Trace,
+    load_placement,
     load_trace,
     make_cluster,
     place,
     profile_trace,
 )
+from moetuner.cli import run
 from moetuner.methods._joint_objective import (
     build_problem,
     fractions,
@@ -29,6 +31,9 @@ from moetuner.methods.joint import (
     exact_placement,
     profiles_by_label,
 )
+
+# The instant baselines: ``moetuner`` as a warm start is cut by a wall-clock share.
+INSTANT = ["eplb_fixed", "linear", "round_robin"]
 
 
 def random_profile(layers, experts, k, tokens=400, seed=0, skew=2.0):
@@ -99,7 +104,8 @@ def test_robust_max_equals_mean_with_one_profile():
     results = []
     for robust in ("mean", "max"):
         placement, record = place(profile, cluster, "joint", PlaceOptions(
-            redundant=4, exec_model="follow", params={"robust": robust, "workers": 1}))
+            redundant=4, exec_model="follow",
+            params={"robust": robust, "workers": 1, "warm_start": INSTANT}))
         results.append((placement.phy2log, record.objective))
     assert np.array_equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]
@@ -109,8 +115,8 @@ def test_never_worse_than_the_best_baseline_and_deterministic():
     profile = random_profile(4, 16, 4, seed=6)
     cluster = make_cluster(8, 2)
     problem = problem_for([profile], cluster, 8, "return")
-    runs = [place(profile, cluster, "joint", PlaceOptions(redundant=8, exec_model="return",
-                                                          seed=3))
+    runs = [place(profile, cluster, "joint", PlaceOptions(
+        redundant=8, exec_model="return", seed=3, params={"warm_start": INSTANT}))
             for _ in range(2)]
     assert np.array_equal(runs[0][0].phy2log, runs[1][0].phy2log)
     for name in ("linear", "round_robin", "eplb_fixed"):
@@ -201,3 +207,31 @@ def test_profiles_by_label_partition_the_trace():
     assert {p.provenance[0]["selection"] for p in parts} == {f"seq_dataset={v}" for v in values}
     with pytest.raises(InputError):
         profiles_by_label(trace, "seq_colour")
+
+
+def test_cli_place_joint_with_workloads(tmp_path, capsys):
+    slice_path = "data/gpt-oss-20b/slice.npz"
+    out = tmp_path / "joint.json"
+    assert run(["place", slice_path, "--gpus", "4", "--nodes", "2", "--redundant", "4",
+                "--method", "joint", "--exec", "return", "--split-by", "seq_dataset",
+                "--robust", "max", "--time-limit", "2", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per-layer load correlation" in printed
+    placement = load_placement(out)
+    assert placement.replicas_on_gpu.max() == 1
+    assert placement.metadata["options"]["exec_model"] == "return"
+    assert len(placement.metadata["profile"]) == 3  # one provenance entry per data set
+    profile = tmp_path / "p.npz"
+    assert run(["profile", slice_path, "-o", str(profile)]) == 0
+    assert run(["place", slice_path, str(profile), "--gpus", "2", "--method", "joint",
+                "--weight", "1", "--weight", "3", "--time-limit", "1", "-o", str(out)]) == 0
+
+
+def test_cli_place_joint_bad_input_exits_2(tmp_path):
+    slice_path = "data/gpt-oss-20b/slice.npz"
+    out = tmp_path / "joint.json"
+    for args in (["--exec", "sideways"], ["--robust", "median"],
+                 ["--weight", "1", "--weight", "2"], ["--split-by", "seq_colour"]):
+        assert run(["place", slice_path, "--gpus", "2", "--method", "joint", "--time-limit",
+                    "1", *args, "-o", str(out)]) == 2
+    assert not out.exists()

@@ -25,6 +25,7 @@ __all__ = [
     "LayerAxis", "ModelSpec", "PlaceOptions", "Placement", "Profile", "Replay", "SolveRecord",
     "SynthFit", "Trace", "collect_trace", "compare", "get_model", "is_synthetic",
     "load_coefficients", "load_placement", "load_profile", "load_trace", "make_cluster",
-    "methods", "place", "predict", "profile_trace", "profiles_by_label", "read_profile", "read_trace",
-    "rebalance_experts", "replay", "synthesis_fit", "synthesize_trace", "write_engine_files",
+    "methods", "place", "predict", "profile_trace", "profiles_by_label", "read_profile",
+    "read_trace", "rebalance_experts", "replay", "synthesis_fit", "synthesize_trace",
+    "write_engine_files",
 ]

@@ -22,7 +22,10 @@ from moetuner.cli.options import (
     profile_with_progress,
 )
 from moetuner.errors import InputError
+from moetuner.inputs import read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, place
+from moetuner.methods._joint_objective import EXEC_MODELS, ROBUST
+from moetuner.methods.joint import profiles_by_label
 from moetuner.placement import Placement
 from moetuner.profile import Profile
 
@@ -68,9 +71,21 @@ def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
     return table
 
 
+def workload_profiles(sources: list[Path], split_by: str | None, select: list[str] | None,
+                      drop: list[str] | None) -> list[Profile]:
+    """One profile per input, or per value of the label ``split_by`` in each input trace."""
+    if split_by is None:
+        return [profile_with_progress(str(source), select, drop) for source in sources]
+    return [part for source in sources
+            for part in profiles_by_label(read_trace(source, select or (), drop or ()),
+                                          split_by)]
+
+
 @command("place")
 def place_command(
-    source: Annotated[Path, typer.Argument(help="routing trace or profile (.npz)")],
+    sources: Annotated[list[Path], typer.Argument(
+        help="routing trace(s) or profile(s) (.npz); several are workloads that joint "
+        "weighs (--weight, --robust), the others place their sum")],
     gpus: Gpus,
     output: Annotated[Path, typer.Option("-o", "--output", help="placement JSON to write")],
     method: Annotated[str, typer.Option("--method", help="placement method")] = "moetuner",
@@ -86,19 +101,46 @@ def place_command(
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="method setting KEY=VALUE (e.g. sizes=free, ilp2=heuristic); "
         "repeatable")] = None,
+    exec_model: Annotated[str | None, typer.Option(
+        "--exec", help="execution model joint optimises: return or follow")] = None,
+    robust: Annotated[str | None, typer.Option(
+        "--robust", help="joint over several workloads: mean (weighted) or max")] = None,
+    weight: Annotated[list[float] | None, typer.Option(
+        "--weight", help="weight of each workload, in order; repeatable (default: equal, "
+        "or tokens with --split-by)")] = None,
+    split_by: Annotated[str | None, typer.Option(
+        "--split-by", help="one workload per value of this per-sequence label of the "
+        "trace(s), e.g. seq_category (drift-aware joint)")] = None,
     select: Select = None,
     drop: Drop = None,
 ) -> None:
-    """Place the experts of a trace (profiled on the fly) or profile on GPUs."""
+    """Place the experts of traces (profiled on the fly) or profiles on GPUs."""
     if time_limit <= 0:
         raise InputError("--time-limit", "time_limit", "a positive number of seconds",
                          time_limit)
     if not 0 <= gap < 1:
         raise InputError("--gap", "gap", "a relative gap in [0, 1)", gap)
+    if exec_model not in (None, *EXEC_MODELS):
+        raise InputError("--exec", "exec_model", f"one of {', '.join(EXEC_MODELS)}", exec_model)
+    if robust not in (None, *ROBUST):
+        raise InputError("--robust", "robust", f"one of {', '.join(ROBUST)}", robust)
     cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
+    profiles = workload_profiles(sources, split_by, select, drop)
+    params = parse_params(param)
+    if len(profiles) > 1:
+        params["profiles"] = profiles
+        if weight is None and split_by is not None:
+            weight = [p.tokens for p in profiles]
+    if weight is not None:
+        if len(weight) != len(profiles):
+            raise InputError("--weight", "weight", f"one weight per workload ({len(profiles)})",
+                             len(weight))
+        params["weights"] = list(weight)
+    if robust is not None:
+        params["robust"] = robust
     options = PlaceOptions(redundant=redundant, time_limit=time_limit, seed=seed, gap=gap,
-                           params=parse_params(param))
-    profile = profile_with_progress(str(source), select, drop)
+                           exec_model=exec_model or PlaceOptions.exec_model, params=params)
+    profile = sum(profiles[1:], profiles[0])
     placement, record = place(profile, cluster, method, options)
     placement.save(output)
     console.print(summary_table(record, gpu_load_ratio(placement, profile)))

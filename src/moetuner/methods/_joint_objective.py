@@ -31,12 +31,13 @@ cross-node message costs the bandwidth ratio times an intra-node one. The terms:
   of the layer before (``cg = cn = 2``, ``s = 1``); combine goes to the primary's GPU
   (``t = 1``).
 
-Unit costs follow the cost model of the evaluator (its module docstring): a token-expert pair
-costs ``2 * expert_params`` FLOPs at ``COMPUTE_EFFICIENCY`` of peak; a message is one token
-activation at ``NETWORK_EFFICIENCY`` of the link bandwidth; a batch is
-``TOKENS_PER_GPU_BATCH * G`` tokens. Latencies and weight reads are left out (they hardly
-depend on the placement), so the objective is in seconds per batch and tracks, not equals,
-the evaluator's prediction.
+Unit costs come from the evaluator's cost model (``moetuner.costmodel.CostCoefficients``, a
+calibration included): a token-expert pair costs ``2 * expert_params`` FLOPs at
+``compute_efficiency`` of peak; a message is one token activation at ``network_efficiency``
+of the link bandwidth; a batch is ``tokens_per_gpu_batch * G`` tokens. Latencies and weight
+reads are left out (they hardly depend on the placement), and traffic is averaged over GPUs
+where the evaluator takes the busiest, so the objective is in seconds per batch and tracks,
+not equals, the evaluator's prediction (``bench/quality.py`` measures how well).
 
 Several profiles (workloads, time windows) give one objective each; ``robust="mean"``
 minimises their weighted mean, ``"max"`` the worst of them.
@@ -49,14 +50,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetuner.cluster import Cluster
+from moetuner.costmodel import CostCoefficients
 from moetuner.errors import InputError
 from moetuner.models import MODELS, ModelSpec
 from moetuner.profile import Profile
 
-# The evaluator's cost-model defaults (its CostCoefficients).
-TOKENS_PER_GPU_BATCH = 256.0
-COMPUTE_EFFICIENCY = 0.6
-NETWORK_EFFICIENCY = 0.8
 # A stand-in model for shapes no preset matches (a mid-size BF16 MoE).
 GENERIC_MODEL = ModelSpec("generic", "-", 1, (), 1, 1, 4096, 2048)
 ROBUST = ("mean", "max")
@@ -147,8 +145,10 @@ def build_problem(
     exec_model: str,
     robust: str,
     model: ModelSpec,
+    coefficients: CostCoefficients | None = None,
 ) -> JointProblem:
-    """Turn profiles, cluster and model into the objective's arrays (module docstring)."""
+    """Turn profiles, cluster, model and cost coefficients (default: the cost model's) into
+    the objective's arrays (module docstring)."""
     if exec_model not in EXEC_MODELS:
         raise InputError("--exec", "exec_model", f"one of {', '.join(EXEC_MODELS)}",
                          repr(exec_model))
@@ -167,10 +167,12 @@ def build_problem(
     L, E = first.load.shape
     k, G, N = first.top_k, cluster.num_gpus, cluster.num_nodes
     tokens = np.array([max(p.tokens, 1) for p in profiles], dtype=np.float64)
-    scale = TOKENS_PER_GPU_BATCH * G / tokens                                  # [Q]
-    pair_seconds = 2 * model.expert_params / (cluster.gpu.peak_flops * COMPUTE_EFFICIENCY)
-    intra = model.token_bytes / (cluster.intra_bandwidth * NETWORK_EFFICIENCY)
-    inter = model.token_bytes / (cluster.inter_bandwidth * NETWORK_EFFICIENCY)
+    c = coefficients or CostCoefficients()
+    hw = c.resolved(cluster)
+    scale = c.tokens_per_gpu_batch * G / tokens                                # [Q]
+    pair_seconds = 2 * model.expert_params / (hw["peak_flops"] * c.compute_efficiency)
+    intra = model.token_bytes / (hw["intra_bandwidth"] * c.network_efficiency)
+    inter = model.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
     work = np.stack([p.load for p in profiles]).astype(np.float64) * (scale * pair_seconds
                                                                       )[:, None, None]
     coact = np.zeros((len(profiles), L, E, E))

@@ -23,8 +23,9 @@ How:
 Params (``options.params``): ``profiles`` (list of ``Profile``, default ``[profile]``),
 ``weights`` (one per profile, default equal), ``robust`` (``mean`` or ``max`` over
 profiles), ``model`` (a preset name weighing compute against traffic; default: the preset
-with the profile's shape), ``workers`` (processes, default 2), ``warm_start`` (list of
-baseline names), ``kicks`` (random kicks per layer visit, default 2). The record's log
+with the profile's shape), ``coefficients`` (a ``CostCoefficients`` calibration),
+``workers`` (processes, default 2), ``warm_start`` (list of baseline names), ``kicks``
+(random kicks per layer visit, default 2). The record's log
 reports how much the profiles disagree (per-layer load correlation).
 
 Deterministic for a seed when the search converges before the time limit.
@@ -86,7 +87,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     slots_per_gpu = options.slots_per_gpu(profile.num_experts, cluster.num_gpus)
     problem = build_problem(profiles, weights, cluster, slots_per_gpu, options.exec_model,
                             str(params.get("robust", "mean")),
-                            model_for(profile, params.get("model")))
+                            model_for(profile, params.get("model")), params.get("coefficients"))
     log = [disagreement(profiles)]
     scores, eval_seconds = _warm_starts(profile, cluster, options, problem,
                                         params.get("warm_start", WARM_STARTS), start)
