@@ -28,7 +28,10 @@ with the profile's shape), ``coefficients`` (a ``CostCoefficients`` calibration)
 (random kicks per layer visit, default 2). The record's log
 reports how much the profiles disagree (per-layer load correlation).
 
-Deterministic for a seed when the search converges before the time limit.
+Deterministic for a seed when the search converges before the time limit and the
+``moetuner`` warm start (a wall-clock share of the limit) finishes within its share; pass
+``warm_start=["eplb_fixed", "linear", "round_robin"]`` for a run that depends on the seed only
+(up to the limit).
 """
 
 from __future__ import annotations
