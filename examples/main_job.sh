@@ -12,7 +12,11 @@ moetuner info "$OUT/mmlu.npz"
 moetuner place "$OUT/mmlu.npz" "${CLUSTER[@]}" --method moetuner --time-limit 20 \
     -o "$OUT/moetuner.json"
 moetuner place "$OUT/mmlu.npz" "${CLUSTER[@]}" --redundant 8 --method eplb -o "$OUT/eplb.json"
-moetuner evaluate "$OUT/moetuner.json" "$OUT/eplb.json" --trace "$TRACE" \
+# joint: balance and traffic in one objective, 8 replicas, hedged over MMLU subjects (drift).
+moetuner place "$TRACE" --select 'seq_dataset=mmlu*' --drop seq_repetition \
+    --split-by seq_category "${CLUSTER[@]}" --redundant 8 --method joint --exec return \
+    --time-limit 20 -o "$OUT/joint.json"
+moetuner evaluate "$OUT/joint.json" "$OUT/moetuner.json" "$OUT/eplb.json" --trace "$TRACE" \
     --select 'seq_dataset=gpqa*' --drop seq_repetition --model gpt-oss-20b "${CLUSTER[@]}" \
     --exec both
-moetuner export "$OUT/moetuner.json" --format sglang --model gpt-oss-20b -o "$OUT/sglang.json"
+moetuner export "$OUT/joint.json" --format sglang --model gpt-oss-20b -o "$OUT/sglang.json"

@@ -324,6 +324,19 @@ def test_compare_adds_linear_and_speedups():
     assert rows[1]["speedup_vs_linear"] == pytest.approx(16 / rows[1]["moe_time_per_batch_s"])
 
 
+def test_linear_reference_has_no_redundant_experts():
+    replicated = Placement(np.array([[0, 1, 2, 3, 2, 1]] * 3), 2, 4)
+    rows, replays = compare({"replicated": replicated}, make_trace(HAND_IDS), make_cluster(2, 1),
+                            TOY, coefficients=hand_coefficients())
+    assert rows[0]["placement"] == "linear" and rows[0]["slots_per_gpu"] == 2
+    assert rows[1]["slots_per_gpu"] == 3
+    # E = 4 over 3 GPUs: the fewest slots 3 divides, 6, with experts 0 and 1 repeated.
+    odd = Placement(np.array([[0, 1, 2, 3, 0, 1]] * 3), 3, 4)
+    rows, _ = compare({"odd": odd}, make_trace(HAND_IDS), make_cluster(3, 1), TOY,
+                      coefficients=hand_coefficients())
+    assert rows[0]["slots_per_gpu"] == 2
+
+
 def test_follow_with_top1_is_one_exchange_per_layer():
     rng = np.random.default_rng(1)
     trace = make_trace(rng.integers(0, 8, (50, 4, 1)), num_experts=8)

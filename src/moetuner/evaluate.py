@@ -388,8 +388,10 @@ def model_for_trace(trace: Trace) -> ModelSpec:
 
 
 def linear_reference(placement: Placement) -> Placement:
-    """``linear`` with the same GPUs, layers, experts and slots as ``placement``."""
-    phy2log = linear_phy2log(placement.num_layers, placement.num_experts, placement.num_slots)
+    """``linear`` as engines run it by default: the GPUs, layers and experts of ``placement``
+    without redundant experts (the fewest slots G divides, when G does not divide E)."""
+    gpus, experts = placement.num_gpus, placement.num_experts
+    phy2log = linear_phy2log(placement.num_layers, experts, -(-experts // gpus) * gpus)
     return Placement(phy2log=phy2log, num_gpus=placement.num_gpus,
                      num_experts=placement.num_experts, metadata={"method": "linear"},
                      source="linear")
@@ -406,8 +408,8 @@ def compare(
 ) -> tuple[list[dict], dict[tuple[str, str], Replay]]:
     """Evaluate every placement under every execution model, with the speedup over ``linear``.
 
-    ``linear`` with the first placement's slots is added as the reference unless a placement
-    is already named so.
+    ``linear`` without redundant experts (``linear_reference`` of the first placement) is added
+    as the reference unless a placement is already named so.
 
     Returns:
         rows: one dict of metrics per (execution model, placement), in that order.
