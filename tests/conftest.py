@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from moetuner.trace import Trace
 
@@ -39,3 +41,9 @@ def tiny_trace() -> Trace:
     return Trace(topk_ids=ids, num_experts=4, seq_lens=np.array([2, 1]),
                  seq_labels={"seq_dataset": np.array(["mmlu_dev", "gpqa_main"]),
                              "seq_repetition": np.array([False, True])})
+
+# CI runs a fixed set of hypothesis examples (a red CI must be reproducible); local runs
+# explore new ones each time.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -5,9 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SLICE
 from moetuner import (
     InputError,
     PlaceOptions,
+    Profile,
     Trace,
     load_placement,
     load_trace,
@@ -196,7 +198,7 @@ def test_profiles_of_another_shape_are_rejected():
 
 
 def test_profiles_by_label_partition_the_trace():
-    trace = load_trace("data/gpt-oss-20b/slice.npz")
+    trace = load_trace(str(SLICE))
     parts = profiles_by_label(trace, "seq_dataset")
     values = set(trace.seq_labels["seq_dataset"].tolist())
     assert len(parts) == len(values) >= 2
@@ -210,7 +212,7 @@ def test_profiles_by_label_partition_the_trace():
 
 
 def test_cli_place_joint_with_workloads(tmp_path, capsys):
-    slice_path = "data/gpt-oss-20b/slice.npz"
+    slice_path = str(SLICE)
     out = tmp_path / "joint.json"
     assert run(["place", slice_path, "--gpus", "4", "--nodes", "2", "--redundant", "4",
                 "--method", "joint", "--exec", "return", "--split-by", "seq_dataset",
@@ -221,6 +223,10 @@ def test_cli_place_joint_with_workloads(tmp_path, capsys):
     assert placement.replicas_on_gpu.max() == 1
     assert placement.metadata["options"]["exec_model"] == "return"
     assert len(placement.metadata["profile"]) == 3  # one provenance entry per data set
+    # Workloads are recorded by provenance, not by their count arrays.
+    workloads = placement.metadata["options"]["params"]["profiles"]
+    assert [set(w) for w in workloads] == [{"provenance", "tokens"}] * 3
+    assert out.stat().st_size < 50_000
     profile = tmp_path / "p.npz"
     assert run(["profile", slice_path, "-o", str(profile)]) == 0
     assert run(["place", slice_path, str(profile), "--gpus", "2", "--method", "joint",
@@ -228,10 +234,18 @@ def test_cli_place_joint_with_workloads(tmp_path, capsys):
 
 
 def test_cli_place_joint_bad_input_exits_2(tmp_path):
-    slice_path = "data/gpt-oss-20b/slice.npz"
+    slice_path = str(SLICE)
     out = tmp_path / "joint.json"
     for args in (["--exec", "sideways"], ["--robust", "median"],
                  ["--weight", "1", "--weight", "2"], ["--split-by", "seq_colour"]):
         assert run(["place", slice_path, "--gpus", "2", "--method", "joint", "--time-limit",
                     "1", *args, "-o", str(out)]) == 2
     assert not out.exists()
+
+
+def test_one_slot_per_gpu_has_a_bound():
+    load = np.array([[5, 3, 2, 1], [1, 2, 3, 4]])
+    placement, record = place(Profile.from_load(load), make_cluster(4, 2), "joint",
+                              PlaceOptions(time_limit=2))
+    assert placement.slots_per_gpu == 1
+    assert record.bound is not None and record.bound <= record.objective + 1e-12

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SLICE
 from moetuner import InputError, Profile, load_trace, profile_trace
 from moetuner.cli import run
 from moetuner.synth import (
@@ -90,7 +91,7 @@ def test_synthetic_label_survives_the_file(like, tmp_path):
     assert is_synthetic(back)
     assert np.array_equal(back.topk_ids, trace.topk_ids)
     assert all(str(v).startswith("synthetic") for v in back.seq_labels["seq_dataset"])
-    assert not is_synthetic(load_trace("data/gpt-oss-20b/slice.npz"))
+    assert not is_synthetic(load_trace(str(SLICE)))
     assert profile_trace(back).stability_load is not None
 
 
@@ -102,7 +103,7 @@ def test_bad_shape_is_an_input_error(like, args):
 
 def test_cli_writes_trace_and_prints_fit(tmp_path, capsys):
     out = tmp_path / "t.npz"
-    code = run(["synth", "--like", "data/gpt-oss-20b/slice.npz", "--layers", "5", "--experts",
+    code = run(["synth", "--like", str(SLICE), "--layers", "5", "--experts",
                 "64", "--topk", "6", "--tokens", "2000", "--seed", "2", "-o", str(out)])
     assert code == 0
     printed = capsys.readouterr().out

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import numpy as np
 
@@ -144,6 +144,23 @@ def methods() -> dict[str, Solver]:
     return dict(sorted(_METHODS.items()))
 
 
+def options_metadata(options: PlaceOptions) -> dict:
+    """The options as plain data for a placement's metadata: a profile passed in ``params``
+    (a workload of ``joint``) appears as its provenance and token count, not its arrays."""
+
+    def describe(value: object) -> object:
+        if isinstance(value, Profile):
+            return {"provenance": value.provenance, "tokens": value.tokens}
+        if isinstance(value, list | tuple):
+            return [describe(item) for item in value]
+        if is_dataclass(value) and not isinstance(value, type):
+            return asdict(value)
+        return value
+
+    plain = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "params"}
+    return {**plain, "params": {key: describe(value) for key, value in options.params.items()}}
+
+
 def place(
     profile: Profile,
     cluster: Cluster,
@@ -165,7 +182,7 @@ def place(
     record.solve_time = record.solve_time or time.perf_counter() - start
     metadata = {
         "method": method,
-        "options": asdict(options),
+        "options": options_metadata(options),
         "cluster": cluster.to_dict(),
         "profile": profile.provenance,
         "record": record.to_dict(),

@@ -244,6 +244,8 @@ def objective(problem: JointProblem, phy2log: np.ndarray) -> float:
 def _top_sum(matrix: np.ndarray, count: int, axis: int) -> np.ndarray:
     """Sum of the ``count`` largest entries along ``axis`` (all entries if fewer)."""
     size = matrix.shape[axis]
+    if count <= 0:
+        return np.zeros(np.delete(matrix.shape, axis))
     if count >= size:
         return matrix.sum(axis=axis)
     return np.partition(matrix, size - count, axis=axis).take(
