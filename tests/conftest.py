@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from moetuner.errors import InputError
 from moetuner.trace import Trace
 
 SLICE = Path(__file__).resolve().parents[1] / "data" / "gpt-oss-20b" / "slice.npz"
@@ -47,3 +48,12 @@ def tiny_trace() -> Trace:
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def assert_rejects_npz(tmp_path: Path, read, arrays: dict[str, np.ndarray], field: str) -> None:
+    """Write ``arrays`` to an ``.npz`` and check ``read(path)`` names the file and ``field``."""
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InputError) as err:
+        read(path)
+    assert str(path) in str(err.value) and field in str(err.value)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import random_trace
+from conftest import assert_rejects_npz, random_trace
 from moetuner.errors import InputError
 from moetuner.profile import Profile, load_profile, mutual_information, profile_trace
 
@@ -94,11 +94,7 @@ def test_save_load_round_trip(tmp_path, tiny_trace):
     ({"load": np.ones((2, 4)), "bogus": np.ones(3)}, "bogus"),
 ])
 def test_bad_profile_files(tmp_path, arrays, field):
-    path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(InputError) as err:
-        load_profile(path)
-    assert str(path) in str(err.value) and field in str(err.value)
+    assert_rejects_npz(tmp_path, load_profile, arrays, field)
 
 
 def test_adding_mismatched_profiles_fails():

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from conftest import assert_rejects_npz
 from moetuner.errors import InputError
 from moetuner.trace import Trace, load_trace
 
@@ -40,11 +41,7 @@ def test_save_load_round_trip(tmp_path, tiny_trace):
     ({"something": np.ones(3)}, "topk_ids"),
 ])
 def test_bad_trace_files(tmp_path, arrays, field):
-    path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(InputError) as err:
-        load_trace(path)
-    assert str(path) in str(err.value) and field in str(err.value)
+    assert_rejects_npz(tmp_path, load_trace, arrays, field)
 
 
 def test_ids_beyond_num_experts():
