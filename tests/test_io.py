@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moetuner.errors import InputError
-from moetuner.io import open_npz, read_json, write_atomic, write_npz
+from moetuner.io import open_npz, read_json, write_atomic, write_json, write_npz
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -47,3 +47,10 @@ def test_read_helpers_name_the_file(tmp_path):
         open_npz(tmp_path / "y.npy", "an archive")
     with pytest.raises(InputError, match="an existing file"):
         open_npz(tmp_path / "missing.npz", "an archive")
+
+
+def test_write_json_encodes_numpy_values(tmp_path):
+    write_json(tmp_path / "a.json", {"ids": np.arange(3), "gap": np.float64(0.5),
+                                     "nested": [np.int64(7)]})
+    assert read_json(tmp_path / "a.json", "json") == {"ids": [0, 1, 2], "gap": 0.5,
+                                                      "nested": [7]}

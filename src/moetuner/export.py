@@ -29,7 +29,7 @@ import numpy as np
 from moetuner.errors import InputError
 from moetuner.io import read_json, write_atomic, write_json, write_npy
 from moetuner.models import ModelSpec
-from moetuner.placement import Placement, _jsonable
+from moetuner.placement import Placement, pack_slots
 from moetuner.profile import Profile
 
 FORMATS = ("sglang", "sglang-count", "vllm", "vllm-ascend", "megatron")
@@ -294,15 +294,7 @@ def placement_from_expert_gpu(expert_gpu: np.ndarray, num_gpus: int, source: str
     if expert_gpu.min() < 0 or expert_gpu.max() >= num_gpus:
         raise InputError(source, "expert_gpu", f"GPU ids in [0, {num_gpus})",
                          f"[{expert_gpu.min()}, {expert_gpu.max()}]")
-    counts = np.bincount((np.arange(L)[:, None] * num_gpus + expert_gpu).ravel(),
-                         minlength=L * num_gpus).reshape(L, num_gpus)
-    slots = int(counts.max())
-    order = np.argsort(expert_gpu * E + np.arange(E), axis=1, kind="stable")   # by (gpu, expert)
-    gpu_sorted = np.take_along_axis(expert_gpu, order, axis=1)
-    first = np.cumsum(counts, axis=1) - counts                                   # [L, G]
-    rank = np.arange(E)[None, :] - np.take_along_axis(first, gpu_sorted, axis=1)
-    phy2log = np.full((L, num_gpus * slots), -1, dtype=np.int64)
-    np.put_along_axis(phy2log, gpu_sorted * slots + rank, order, axis=1)
+    phy2log = pack_slots(np.broadcast_to(np.arange(E), (L, E)), expert_gpu, num_gpus)
     return Placement(phy2log=phy2log, num_gpus=num_gpus, num_experts=E,
                      allow_empty_slots=bool((phy2log < 0).any()), source=source)
 
@@ -361,7 +353,7 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
                          ": engines need equal slots per GPU; export it as megatron")
     if fmt == "sglang":
         meta = sidecar_path(out)
-        write_json(meta, _jsonable(sglang_sidecar(source, axis)), indent=1)
+        write_json(meta, sglang_sidecar(source, axis), indent=1)
         write_json(out, to_sglang(source, axis))
         return [out, meta], (f"sglang: --init-expert-location {out} --ep-num-redundant-experts "
                              f"{source.num_redundant} --ep-size {source.num_gpus} "

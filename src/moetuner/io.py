@@ -45,9 +45,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
         write(handle)
 
 
+def _numpy_to_json(value: Any) -> Any:
+    """JSON form of the numpy values ``json`` cannot encode (arrays and scalars)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    write_atomic(path, lambda handle: json.dump(obj, handle, indent=indent))
+    """Write ``obj`` (numpy arrays and scalars included) as JSON to ``path`` atomically."""
+    write_atomic(path, lambda handle: json.dump(obj, handle, indent=indent,
+                                                default=_numpy_to_json))
 
 
 def write_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:

@@ -152,18 +152,17 @@ class Placement:
         """
         expert_gpu = np.asarray(expert_gpu, dtype=np.int64)
         L, E = expert_gpu.shape
-        index = np.arange(L)[:, None] * num_gpus + expert_gpu
         if expert_gpu.min() < 0 or expert_gpu.max() >= num_gpus:
             raise InputError("<expert_gpu>", "expert_gpu", f"GPU ids in [0, {num_gpus})",
                              f"[{expert_gpu.min()}, {expert_gpu.max()}]")
-        counts = np.bincount(index.ravel(), minlength=L * num_gpus).reshape(L, num_gpus)
+        counts = items_per_gpu(expert_gpu, num_gpus)
         if E % num_gpus or (counts != E // num_gpus).any():
             raise InputError("<expert_gpu>", "expert_gpu",
                              f"{E // max(num_gpus, 1)} experts on each of {num_gpus} GPUs per "
                              "layer", counts.tolist())
-        # Sorting by (gpu, expert) lists each GPU's experts in its slot range.
-        phy2log = np.argsort(expert_gpu * E + np.arange(E)[None, :], axis=1, kind="stable")
-        return cls(phy2log=phy2log, num_gpus=num_gpus, num_experts=E, metadata=metadata or {})
+        experts = np.broadcast_to(np.arange(E), (L, E))
+        return cls(phy2log=pack_slots(experts, expert_gpu, num_gpus), num_gpus=num_gpus,
+                   num_experts=E, metadata=metadata or {})
 
     def to_dict(self) -> dict:
         return {
@@ -180,7 +179,7 @@ class Placement:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the placement JSON atomically."""
-        write_json(path, _jsonable(self.to_dict()))
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<memory>") -> Placement:
@@ -206,6 +205,39 @@ class Placement:
         return placement
 
 
+def items_per_gpu(item_gpu: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L, G]`` how many items of each layer ``item_gpu [L, n]`` puts on each GPU."""
+    L = item_gpu.shape[0]
+    index = np.arange(L)[:, None] * num_gpus + item_gpu
+    return np.bincount(index.ravel(), minlength=L * num_gpus).reshape(L, num_gpus)
+
+
+def pack_slots(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``phy2log [L, G * S]`` from physical experts and their GPUs.
+
+    Args:
+        item_expert: int ``[L, n]`` logical expert of each physical expert (replicas repeat).
+        item_gpu: int ``[L, n]`` GPU of each physical expert.
+        num_gpus: G.
+
+    Each GPU's experts fill its slots in ascending expert order; S is the most items any GPU
+    holds in any layer, and a GPU holding fewer has its last slots empty (-1).
+    """
+    item_expert = np.asarray(item_expert, dtype=np.int64)
+    item_gpu = np.asarray(item_gpu, dtype=np.int64)
+    num_layers, n = item_expert.shape
+    held = items_per_gpu(item_gpu, num_gpus)                       # [L, G]
+    slots = int(held.max())
+    order = np.lexsort((item_expert, item_gpu), axis=1)            # by (gpu, expert)
+    gpu_sorted = np.take_along_axis(item_gpu, order, axis=1)
+    first = np.cumsum(held, axis=1) - held                         # [L, G]
+    rank = np.arange(n)[None, :] - np.take_along_axis(first, gpu_sorted, axis=1)
+    phy2log = np.full((num_layers, num_gpus * slots), -1, dtype=np.int64)
+    np.put_along_axis(phy2log, gpu_sorted * slots + rank,
+                      np.take_along_axis(item_expert, order, axis=1), axis=1)
+    return phy2log
+
+
 def is_placement_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a moetuner placement JSON (rather than, say, a loads JSON)."""
     path = Path(path)
@@ -221,16 +253,3 @@ def is_placement_file(path: str | os.PathLike) -> bool:
 def load_placement(path: str | os.PathLike) -> Placement:
     """Read a placement JSON written by ``Placement.save``."""
     return Placement.from_dict(read_json(path, "a moetuner placement JSON"), source=str(path))
-
-
-def _jsonable(obj):
-    """Convert numpy scalars and arrays inside ``obj`` to plain JSON types."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

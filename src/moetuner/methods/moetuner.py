@@ -87,7 +87,7 @@ from moetuner.errors import InputError
 from moetuner.methods import PlaceOptions, SolveRecord, register, relative_gap
 from moetuner.methods._cpsat import integer_scale, solve_cpsat
 from moetuner.methods.eplb import balanced_packing, replicate_experts
-from moetuner.placement import Placement
+from moetuner.placement import Placement, pack_slots
 from moetuner.profile import Profile
 
 ILP2_ALGORITHMS = ("auto", "dp", "polish", "cpsat", "heuristic")
@@ -650,22 +650,6 @@ def _replicated_items(load: np.ndarray, num_slots: int, num_gpus: int
     return item_expert, item_load, copies
 
 
-def _phy2log(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L, G * S]`` slots: each GPU's experts ascending, padded with -1 to the fullest GPU's
-    count S. ``item_expert``, ``item_gpu``: ``[L, n]``."""
-    num_layers, n = item_expert.shape
-    held = np.stack([np.bincount(row, minlength=num_gpus) for row in item_gpu])   # [L, G]
-    slots = int(held.max())
-    order = np.lexsort((item_expert, item_gpu), axis=1)
-    gpu_sorted = np.take_along_axis(item_gpu, order, axis=1)
-    first = np.cumsum(held, axis=1) - held                                        # [L, G]
-    rank = np.arange(n)[None, :] - np.take_along_axis(first, gpu_sorted, axis=1)
-    out = np.full((num_layers, num_gpus * slots), -1, dtype=np.int64)
-    layer = np.repeat(np.arange(num_layers)[:, None], n, axis=1)
-    out[layer, gpu_sorted * slots + rank] = np.take_along_axis(item_expert, order, axis=1)
-    return out
-
-
 def _choose(params: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
     value = str(params.get(key, default))
     if value not in allowed:
@@ -799,4 +783,4 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         objective_name="sum over layers of the max link-cost-weighted GPU-pair token traffic "
                        "(ILP 2)",
         log=f"ILP 2 algorithm: {used}; " + "; ".join(log))
-    return _phy2log(item_expert, item_gpu, num_gpus), record
+    return pack_slots(item_expert, item_gpu, num_gpus), record
