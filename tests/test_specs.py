@@ -3,7 +3,7 @@ import pytest
 
 from moetuner.cluster import make_cluster
 from moetuner.errors import InputError
-from moetuner.models import MODELS, get_model
+from moetuner.models import MODELS, get_model, model_with_shape
 
 
 def test_cluster_topology_and_link_cost():
@@ -39,3 +39,9 @@ def test_model_presets_match_public_configs():
     assert len(MODELS) == 7
     with pytest.raises(InputError, match="deepseek-v3"):
         get_model("gpt-5")
+
+
+def test_model_with_shape():
+    assert model_with_shape(24, 32, 4).name == "gpt-oss-20b"
+    assert model_with_shape(58, 256, 8).name == "deepseek-v3"
+    assert model_with_shape(3, 5, 2) is None

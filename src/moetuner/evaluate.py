@@ -51,7 +51,7 @@ from moetuner.cluster import Cluster
 from moetuner.costmodel import CostBreakdown, CostCoefficients, predict
 from moetuner.errors import InputError
 from moetuner.methods.linear import linear_phy2log
-from moetuner.models import MODELS, ModelSpec
+from moetuner.models import ModelSpec, model_with_shape
 from moetuner.placement import Placement
 from moetuner.trace import Trace
 
@@ -378,10 +378,9 @@ def check_model(model: ModelSpec, trace: Trace) -> None:
 
 def model_for_trace(trace: Trace) -> ModelSpec:
     """The first model preset with the trace's MoE layers, experts and k."""
-    for model in MODELS.values():
-        if (model.num_moe_layers, model.num_experts, model.top_k) == (
-                trace.num_layers, trace.num_experts, trace.top_k):
-            return model
+    model = model_with_shape(trace.num_layers, trace.num_experts, trace.top_k)
+    if model is not None:
+        return model
     raise InputError("--model", "model", f"a preset matching the trace's {trace.num_layers} "
                      f"layers, {trace.num_experts} experts and top-{trace.top_k} (none does; "
                      "pass --model)")

@@ -96,3 +96,12 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise InputError("--model", "name", f"one of {', '.join(MODELS)}", repr(name)) from None
+
+
+def model_with_shape(num_layers: int, num_experts: int, top_k: int) -> ModelSpec | None:
+    """The first preset with these MoE layers, experts and k, or None."""
+    for model in MODELS.values():
+        if (model.num_moe_layers, model.num_experts, model.top_k) == (num_layers, num_experts,
+                                                                        top_k):
+            return model
+    return None

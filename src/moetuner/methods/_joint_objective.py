@@ -52,7 +52,7 @@ import numpy as np
 from moetuner.cluster import Cluster
 from moetuner.costmodel import CostCoefficients
 from moetuner.errors import InputError
-from moetuner.models import MODELS, ModelSpec
+from moetuner.models import MODELS, ModelSpec, model_with_shape
 from moetuner.profile import Profile
 
 # A stand-in model for shapes no preset matches (a mid-size BF16 MoE).
@@ -130,11 +130,8 @@ def model_for(profile: Profile, name: str | None = None) -> ModelSpec:
         if name not in MODELS:
             raise InputError("params", "model", f"one of {', '.join(MODELS)}", repr(name))
         return MODELS[name]
-    shape = (profile.num_layers, profile.num_experts, profile.top_k)
-    for model in MODELS.values():
-        if (model.num_moe_layers, model.num_experts, model.top_k) == shape:
-            return model
-    return GENERIC_MODEL
+    model = model_with_shape(profile.num_layers, profile.num_experts, profile.top_k)
+    return GENERIC_MODEL if model is None else model
 
 
 def build_problem(
