@@ -28,8 +28,8 @@ from moetuner import Placement, PlaceOptions, Trace, load_trace, make_cluster, p
 from moetuner.evaluate import evaluate
 from moetuner.methods import methods
 from moetuner.methods._joint_objective import build_problem, model_for, objective
-from moetuner.methods.joint import profiles_by_label
 from moetuner.models import get_model
+from moetuner.profile import profiles_by_label
 
 TRACE = "/work/shared/traces/gpt-oss-20b/decode.npz"
 CLUSTERS = ((4, 1), (8, 2), (16, 4))

@@ -31,8 +31,8 @@ from moetuner.methods.joint import (
     LayerSearch,
     enumerate_rows,
     exact_placement,
-    profiles_by_label,
 )
+from moetuner.profile import profiles_by_label
 
 # The instant baselines: ``moetuner`` as a warm start is cut by a wall-clock share.
 INSTANT = ["eplb_fixed", "linear", "round_robin"]

@@ -13,10 +13,9 @@ from moetuner.evaluate import Replay, compare, replay
 from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
-from moetuner.methods.joint import profiles_by_label
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
-from moetuner.profile import Profile, load_profile, profile_trace
+from moetuner.profile import Profile, load_profile, profile_trace, profiles_by_label
 from moetuner.synth import SynthFit, is_synthetic, synthesis_fit, synthesize_trace
 from moetuner.trace import Trace, load_trace
 

@@ -263,6 +263,18 @@ def profile_trace(
                    provenance=provenance, source=trace.source)
 
 
+def profiles_by_label(trace: Trace, label: str) -> list[Profile]:
+    """One profile per value of the per-sequence label ``label`` (e.g. ``seq_category``).
+
+    Passed as ``params["profiles"]`` (with their token counts as weights), they make
+    ``joint`` minimise the expected objective over the sub-workloads, which hedges a static
+    placement against a change of the mix (drift) instead of fitting one aggregate.
+    """
+    labels = trace.labels(label)
+    return [profile_trace(trace.take_sequences(labels == value, f"{label}={value}"))
+            for value in sorted(set(labels.tolist()))]
+
+
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read a profile ``.npz`` written by ``Profile.save``, validating every field."""
     path = Path(path)

@@ -99,7 +99,7 @@ class Trace:
             name, sep, pattern = selector.partition("=")
             if not sep:
                 raise InputError(self.source, "--select", "NAME=PATTERN", repr(selector))
-            labels = trace._labels(name)
+            labels = trace.labels(name)
             patterns = pattern.split("|")
             keep = np.array(
                 [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
@@ -107,7 +107,7 @@ class Trace:
             )
             trace = trace.take_sequences(keep, selector)
         for name in drop:
-            labels = trace._labels(name)
+            labels = trace.labels(name)
             if labels.dtype != bool:
                 raise InputError(self.source, name, "a bool [sequences] flag to --drop",
                                  labels.dtype)
@@ -141,7 +141,9 @@ class Trace:
             selection=f"{self.selection}; tokens [{start}, {stop})",
         )
 
-    def _labels(self, name: str) -> np.ndarray:
+    def labels(self, name: str) -> np.ndarray:
+        """``[sequences]`` the per-sequence label array ``name``; an InputError naming the
+        labels present otherwise."""
         if name not in self.seq_labels:
             known = ", ".join(sorted(self.seq_labels)) or "none"
             raise InputError(self.source, name, f"a per-sequence label array (present: {known})")

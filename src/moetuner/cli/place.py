@@ -25,9 +25,8 @@ from moetuner.errors import InputError
 from moetuner.inputs import read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, place
 from moetuner.methods._joint_objective import EXEC_MODELS, ROBUST
-from moetuner.methods.joint import profiles_by_label
 from moetuner.placement import Placement
-from moetuner.profile import Profile
+from moetuner.profile import Profile, profiles_by_label
 
 
 def gpu_load_ratio(placement: Placement, profile: Profile) -> np.ndarray:

@@ -60,8 +60,7 @@ from moetuner.methods._joint_objective import (
     objective,
 )
 from moetuner.placement import Placement
-from moetuner.profile import Profile, profile_trace
-from moetuner.trace import Trace
+from moetuner.profile import Profile
 
 WARM_STARTS = ("eplb_fixed", "linear", "round_robin", "moetuner")
 # Largest number of placements of one layer for which the exact dynamic program runs, and of
@@ -133,18 +132,6 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
 def _objective_name(problem: JointProblem) -> str:
     return (f"surrogate predicted MoE-layer seconds per batch ({problem.exec_model}, "
             f"{problem.robust} over {problem.num_profiles} profile(s))")
-
-
-def profiles_by_label(trace: Trace, label: str) -> list[Profile]:
-    """One profile per value of the per-sequence label ``label`` (e.g. ``seq_category``).
-
-    Passed as ``params["profiles"]`` (with their token counts as weights), they make
-    ``joint`` minimise the expected objective over the sub-workloads, which hedges a static
-    placement against a change of the mix (drift) instead of fitting one aggregate.
-    """
-    values = sorted(set(trace._labels(label).tolist()))
-    return [profile_trace(trace.take_sequences(trace._labels(label) == value,
-                                               f"{label}={value}")) for value in values]
 
 
 def disagreement(profiles: list[Profile]) -> str:
