@@ -1,0 +1,219 @@
+"""Engine steps: how a serving engine groups a trace's tokens into forward passes.
+
+A layer of a step waits for that step's busiest GPU, so the evaluator and the per-step
+objectives count load and traffic step by step. ``Steps`` holds the grouping; the functions
+below form it the way engines batch:
+
+- ``decode_steps``: continuous batching. C slots (running sequences) in the whole cluster;
+  every slot starts a sequence at step 0 (in trace order, slot 0 first) and takes the next
+  sequence of the trace the step after its own sequence ends (when several slots free up at
+  once, the lowest slot first). A step holds one token of every running sequence; a token's
+  home GPU is its slot's rank, ``slot mod G``. Without ``seq_lens`` every token is its own
+  sequence.
+- ``prefill_steps``: the tokens in trace order cut into steps of N (``max_num_batched_tokens``);
+  the step's tokens are split into G contiguous blocks, block r homed on GPU r (data-parallel
+  attention gives each rank a contiguous piece of the chunk).
+- ``whole_trace``: one step of every token, home ``t mod G`` (the whole-trace average).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from moetuner.errors import InputError
+
+BATCHINGS = ("decode", "prefill", "none")
+# Running sequences per GPU in the default decode batching.
+DEFAULT_SEQUENCES_PER_GPU = 128
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Tokens grouped into steps.
+
+    Attributes:
+        order: int64 ``[n]`` token indices (into the trace) in step order; each token once.
+        bounds: int64 ``[S + 1]`` step s holds ``order[bounds[s]:bounds[s + 1]]``.
+        home: int64 ``[n]`` home GPU of the token ``order[i]``.
+        num_gpus: G.
+        description: how the steps were formed, for reports.
+    """
+
+    order: np.ndarray
+    bounds: np.ndarray
+    home: np.ndarray
+    num_gpus: int
+    description: str = ""
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.bounds.shape[0] - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.order.shape[0])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 ``[S]`` tokens per step."""
+        return np.diff(self.bounds)
+
+    @property
+    def step_of(self) -> np.ndarray:
+        """int64 ``[n]`` step of the token ``order[i]``."""
+        return np.repeat(np.arange(self.num_steps, dtype=np.int64), self.sizes)
+
+    def chunks(self, max_tokens: int) -> Iterator[tuple[int, int]]:
+        """Ranges ``[lo, hi)`` of whole steps holding at most ``max_tokens`` tokens each (a
+        single step larger than that is a range of its own), covering every step in order."""
+        lo = 0
+        while lo < self.num_steps:
+            limit = self.bounds[lo] + max(int(max_tokens), 1)
+            hi = int(np.searchsorted(self.bounds, limit, side="right")) - 1
+            hi = min(max(hi, lo + 1), self.num_steps)
+            yield lo, hi
+            lo = hi
+
+    def take(self, steps: np.ndarray) -> Steps:
+        """The steps with the given indices (in that order)."""
+        steps = np.asarray(steps, dtype=np.int64)
+        sizes = self.sizes[steps]
+        index = (np.repeat(self.bounds[steps] - np.cumsum(sizes) + sizes, sizes)
+                 + np.arange(int(sizes.sum())))
+        return Steps(order=self.order[index], home=self.home[index],
+                     bounds=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                     num_gpus=self.num_gpus, description=self.description)
+
+    def sample(self, count: int, seed: int = 0) -> Steps:
+        """``count`` steps drawn without replacement (all when there are fewer), in step
+        order; empty steps are never drawn."""
+        nonempty = np.flatnonzero(self.sizes > 0)
+        if count >= nonempty.size:
+            return self.take(nonempty)
+        rng = np.random.default_rng(seed)
+        return self.take(np.sort(rng.choice(nonempty, size=count, replace=False)))
+
+
+def decode_steps(seq_lens: np.ndarray | None, num_tokens: int, concurrency: int,
+                 num_gpus: int) -> Steps:
+    """Continuous batching of ``concurrency`` running sequences (module docstring).
+
+    Args:
+        seq_lens: int ``[sequences]`` tokens per sequence, stored one after another, or None
+            (every token its own sequence).
+        num_tokens: T, the trace's tokens (the sum of ``seq_lens``).
+        concurrency: C, running sequences in the whole cluster.
+        num_gpus: G; the home of slot c is GPU ``c mod G``.
+    """
+    _check_positive("--concurrency", "concurrency", concurrency)
+    _check_positive("--gpus", "num_gpus", num_gpus)
+    if seq_lens is None:
+        seq_lens = np.ones(num_tokens, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
+    start, slot = _schedule(seq_lens, concurrency)
+    token_seq = np.repeat(np.arange(seq_lens.size), seq_lens)
+    position = np.arange(num_tokens, dtype=np.int64) - offsets[token_seq]
+    step = start[token_seq] + position
+    token_slot = slot[token_seq]
+    order = np.lexsort((token_slot, step))
+    counts = np.bincount(step, minlength=int(step.max()) + 1 if num_tokens else 0)
+    return Steps(order=order.astype(np.int64),
+                 bounds=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                 home=(token_slot[order] % num_gpus).astype(np.int64), num_gpus=num_gpus,
+                 description=f"decode, {concurrency} running sequences")
+
+
+def _schedule(seq_lens: np.ndarray, concurrency: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start step and slot of every sequence under continuous batching (zero-length
+    sequences take no slot)."""
+    count = seq_lens.size
+    start = np.zeros(count, dtype=np.int64)
+    slot = np.zeros(count, dtype=np.int64)
+    if count and (seq_lens == 1).all():
+        # One-token sequences: step s runs sequences [s C, (s + 1) C); no heap needed.
+        index = np.arange(count, dtype=np.int64)
+        return index // concurrency, index % concurrency
+    free = [(0, c) for c in range(min(concurrency, count))]
+    for q in np.flatnonzero(seq_lens > 0):
+        when, c = heapq.heappop(free)
+        start[q], slot[q] = when, c
+        heapq.heappush(free, (when + int(seq_lens[q]), c))
+    return start, slot
+
+
+def prefill_steps(num_tokens: int, step_tokens: int, num_gpus: int) -> Steps:
+    """Tokens in trace order, ``step_tokens`` per step, each step's tokens in G contiguous
+    blocks homed on GPUs 0..G-1."""
+    _check_positive("--step-tokens", "step_tokens", step_tokens)
+    _check_positive("--gpus", "num_gpus", num_gpus)
+    order = np.arange(num_tokens, dtype=np.int64)
+    bounds = np.append(np.arange(0, num_tokens, step_tokens), num_tokens).astype(np.int64)
+    if num_tokens == 0:
+        bounds = np.zeros(1, dtype=np.int64)
+    sizes = np.diff(bounds)
+    within = order - np.repeat(bounds[:-1], sizes)
+    home = within * num_gpus // np.repeat(sizes, sizes)
+    return Steps(order=order, bounds=bounds, home=home.astype(np.int64), num_gpus=num_gpus,
+                 description=f"prefill, {step_tokens} tokens per step")
+
+
+def whole_trace(num_tokens: int, num_gpus: int) -> Steps:
+    """One step of all tokens, home ``t mod G``: the whole-trace average."""
+    _check_positive("--gpus", "num_gpus", num_gpus)
+    order = np.arange(num_tokens, dtype=np.int64)
+    return Steps(order=order, bounds=np.array([0, num_tokens], dtype=np.int64),
+                 home=order % num_gpus, num_gpus=num_gpus, description="whole trace")
+
+
+def make_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int,
+               batching: str = "decode", concurrency: int | None = None,
+               step_tokens: int | None = None) -> Steps:
+    """Steps of a trace under ``batching`` (``decode``, ``prefill`` or ``none``).
+
+    Defaults: ``concurrency`` = 128 x G running sequences; ``step_tokens`` = 8192 (vLLM's
+    default ``max_num_batched_tokens`` for chunked prefill).
+    """
+    if batching == "decode":
+        return decode_steps(seq_lens, num_tokens,
+                            concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus, num_gpus)
+    if batching == "prefill":
+        return prefill_steps(num_tokens, step_tokens or 8192, num_gpus)
+    if batching == "none":
+        return whole_trace(num_tokens, num_gpus)
+    raise InputError("--batching", "batching", f"one of {', '.join(BATCHINGS)}", repr(batching))
+
+
+def combine_gpu(gpu: np.ndarray, current: np.ndarray, num_gpus: int,
+                ordered: bool) -> np.ndarray:
+    """The GPU where ``follow`` combines each token's results (and where it then sits).
+
+    Args:
+        gpu: int ``[T, k]`` GPU serving each chosen expert (columns primary first when
+            ``ordered``).
+        current: int ``[T]`` GPU each token sits on.
+        num_gpus: G.
+        ordered: whether column 0 is the primary (highest-weight) expert.
+
+    Returns:
+        int ``[T]``: the primary expert's GPU when ``ordered``; otherwise the GPU holding
+        most of the token's experts (ties: the token's current GPU, then the lowest id), so
+        the answer does not depend on the column order.
+    """
+    if ordered:
+        return gpu[:, 0]
+    T = gpu.shape[0]
+    counts = np.bincount((np.arange(T)[:, None] * num_gpus + gpu).ravel(),
+                         minlength=T * num_gpus).reshape(T, num_gpus)
+    tied = counts == counts.max(axis=1, keepdims=True)
+    stay = tied[np.arange(T), current]
+    return np.where(stay, current, tied.argmax(axis=1))
+
+
+def _check_positive(flag: str, name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InputError(flag, name, "a positive integer", value)
