@@ -54,3 +54,28 @@ def test_write_json_encodes_numpy_values(tmp_path):
                                      "nested": [np.int64(7)]})
     assert read_json(tmp_path / "a.json", "json") == {"ids": [0, 1, 2], "gap": 0.5,
                                                       "nested": [7]}
+
+
+def test_write_together_all_or_none(tmp_path):
+    from moetuner.io import write_together
+
+    def fail(handle):
+        raise RuntimeError("disk full")
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    with pytest.raises(RuntimeError):
+        write_together({a: lambda h: h.write("{}"), b: fail})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    write_together({a: lambda h: h.write("1"), b: lambda h: h.write("2")})
+    assert a.read_text() == "1" and b.read_text() == "2"
+
+
+def test_check_outputs_refuses_inputs_dirs_and_duplicates(tmp_path):
+    from moetuner.io import check_outputs
+
+    source = tmp_path / "in.npz"
+    source.write_bytes(b"x")
+    for outputs in ([str(source)], [str(tmp_path)], [""], [tmp_path / "o", tmp_path / "o"]):
+        with pytest.raises(InputError):
+            check_outputs(outputs, [source])
+    check_outputs([tmp_path / "out.json"], [source])

@@ -45,6 +45,37 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
         write(handle)
 
 
+def write_together(writes: dict[str | os.PathLike, Callable[[IO], Any]],
+                   binary: bool = False) -> None:
+    """Write several files all or none: each ``write(handle)`` goes to a temporary file beside
+    its path, and the files are moved into place only when every write has succeeded."""
+    with contextlib.ExitStack() as stack:
+        for path, write in writes.items():
+            handle = stack.enter_context(atomic_open(path, "wb" if binary else "w"))
+            write(handle)
+        # Leaving the stack renames the files (last opened first); a failure above removed
+        # every temporary file already written.
+
+
+def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike],
+                  flag: str = "-o") -> None:
+    """Raise ``InputError`` when an output path is empty, a directory, or the same file as an
+    input or as another output (writing it would destroy data)."""
+    seen: dict[Path, str] = {}
+    for name in inputs:
+        seen[Path(name).resolve()] = f"the input {name}"
+    for name in outputs:
+        if str(name) == "":
+            raise InputError(flag, "path", "a file path", "''")
+        path = Path(name)
+        if path.is_dir():
+            raise InputError(flag, "path", "a file path, not a directory", str(name))
+        resolved = path.resolve()
+        if resolved in seen:
+            raise InputError(flag, "path", f"a file other than {seen[resolved]}", str(name))
+        seen[resolved] = f"the output {name}"
+
+
 def _numpy_to_json(value: Any) -> Any:
     """JSON form of the numpy values ``json`` cannot encode (arrays and scalars)."""
     if isinstance(value, np.ndarray | np.generic):
