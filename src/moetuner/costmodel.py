@@ -170,10 +170,8 @@ def predict(
     batch_tokens = c.tokens_per_gpu_batch * cluster.num_gpus
     scale = batch_tokens / max(replay.num_tokens, 1)
     pairs = replay.load * scale                                           # [L, G] per batch
-    flop_time = pairs * 2 * model.expert_params / (hw["peak_flops"] * c.compute_efficiency)
-    weights_read = np.minimum(replay.active_experts, np.ceil(pairs)) * model.expert_weight_bytes
-    read_time = weights_read / (hw["memory_bandwidth"] * c.memory_efficiency)
-    per_gpu = np.maximum(flop_time, read_time)
+    per_gpu = gpu_compute_time(pairs, np.minimum(replay.active_experts, np.ceil(pairs)),
+                               model, hw, c)
     bytes_per_message = model.token_bytes * scale
     return CostBreakdown(
         dispatch=_exchange_time(replay.dispatch, cluster, hw, c, bytes_per_message),
@@ -184,16 +182,55 @@ def predict(
     )
 
 
+def gpu_compute_time(pairs: np.ndarray, active: np.ndarray, model: ModelSpec,
+                     hw: dict[str, float], c: CostCoefficients) -> np.ndarray:
+    """Seconds of expert compute per GPU (assumption 2), for any leading shape.
+
+    Args:
+        pairs: ``[..., G]`` token-expert pairs each GPU computes.
+        active: ``[..., G]`` slots of each GPU that compute at least one token (their
+            weights are read once).
+        hw: ``CostCoefficients.resolved(cluster)``.
+
+    Returns:
+        ``[..., G]`` seconds: the larger of the FLOP time and the weight-read time.
+    """
+    flop_time = pairs * (2 * model.expert_params / (hw["peak_flops"] * c.compute_efficiency))
+    read_time = active * (model.expert_weight_bytes / (hw["memory_bandwidth"]
+                                                       * c.memory_efficiency))
+    return np.maximum(flop_time, read_time)
+
+
+def exchange_time(intra_sent: np.ndarray, intra_received: np.ndarray, node_sent: np.ndarray,
+                  node_received: np.ndarray, hw: dict[str, float], c: CostCoefficients,
+                  bytes_per_message: float) -> np.ndarray:
+    """Seconds of one all-to-all exchange (assumption 4), for any leading shape.
+
+    Args:
+        intra_sent, intra_received: ``[..., G]`` messages each GPU sends / receives inside
+            its node.
+        node_sent, node_received: ``[..., G]`` cross-node messages (DeepEP's, one per token
+            and remote node) each GPU sends / receives.
+        hw: ``CostCoefficients.resolved(cluster)``.
+        bytes_per_message: bytes of one message (a token activation).
+
+    Returns:
+        ``[...]`` seconds on the slowest GPU plus the exchange's latency.
+    """
+    intra_busy = np.maximum(intra_sent, intra_received) * bytes_per_message
+    inter_busy = np.maximum(node_sent, node_received) * bytes_per_message
+    per_gpu = (intra_busy / (hw["intra_bandwidth"] * c.network_efficiency)
+               + inter_busy / (hw["inter_bandwidth"] * c.network_efficiency))
+    latency = np.where(inter_busy.any(axis=-1), hw["inter_latency"],
+                       np.where(intra_busy.any(axis=-1), hw["intra_latency"], 0.0))
+    return per_gpu.max(axis=-1) + latency
+
+
 def _exchange_time(exchange: Exchange, cluster: Cluster, hw: dict[str, float],
                    c: CostCoefficients, bytes_per_message: float) -> np.ndarray:
     """``[L]`` seconds of one exchange per layer (assumption 4)."""
     node = cluster.node_of_gpu
     same_node = node[:, None] == node[None, :]
-    intra = np.where(same_node, exchange.tokens, 0) * bytes_per_message     # [L, G, G]
-    intra_busy = np.maximum(intra.sum(axis=2), intra.sum(axis=1))           # [L, G]
-    inter_busy = np.maximum(exchange.node_sent, exchange.node_received) * bytes_per_message
-    per_gpu = (intra_busy / (hw["intra_bandwidth"] * c.network_efficiency)
-               + inter_busy / (hw["inter_bandwidth"] * c.network_efficiency))
-    latency = np.where(inter_busy.any(axis=1), hw["inter_latency"],
-                       np.where(intra_busy.any(axis=1), hw["intra_latency"], 0.0))
-    return per_gpu.max(axis=1) + latency
+    intra = np.where(same_node, exchange.tokens, 0)                          # [L, G, G]
+    return exchange_time(intra.sum(axis=2), intra.sum(axis=1), exchange.node_sent,
+                         exchange.node_received, hw, c, bytes_per_message)
