@@ -15,7 +15,7 @@ PUBLISHED_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
 
 def check_tuple(phy2log, log2phy, logcnt, L, E, P):
     """EPLB's shapes, padding and consistency between the three arrays."""
-    assert phy2log.shape == (L, P) and log2phy.shape == (L, E, P - E + 1)
+    assert phy2log.shape == (L, P) and log2phy.shape == (L, E, logcnt.max())   # DeepSeek's width
     assert logcnt.shape == (L, E)
     assert (logcnt >= 1).all() and (logcnt.sum(axis=1) == P).all()
     for layer in range(L):

@@ -111,16 +111,21 @@ def test_sglang_count_round_trip(tmp_path):
     assert np.array_equal(read_sglang_count(out, axis, 4).load, profile.load)
 
 
-def test_vllm_round_trip_and_records(tmp_path):
+def test_vllm_writes_the_proposed_json_list_only(tmp_path):
     out = tmp_path / "v.json"
     axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
     written, flags = write_engine_files(example(), "vllm", out, axis)
+    assert written == [out] and sorted(p.name for p in tmp_path.iterdir()) == ["v.json"]
     assert json.loads(out.read_text()) == PHY2LOG.tolist()
-    records = [json.loads(line) for line in written[1].read_text().splitlines()]
-    assert [r["eplb_initial_mapping"]["layer"] for r in records] == [1, 2]
-    assert records[1]["eplb_initial_mapping"]["phy2log"] == PHY2LOG[1].tolist()
-    assert "num_redundant_experts" in flags
     assert np.array_equal(read_vllm(out, num_gpus=2).phy2log, PHY2LOG)
+    # The printed command starts vLLM 0.33 as it is; the map is for the unmerged proposal.
+    assert json.loads(flag_json(flags, "--eplb-config")) == {"num_redundant_experts": 2}
+    assert "initial_expert_map_path" in flags and "NOT MERGED" in flags
+
+
+def flag_json(flags: str, flag: str) -> str:
+    """The single-quoted JSON value after ``flag`` in printed engine flags."""
+    return flags.split(flag + " '", 1)[1].split("'", 1)[0]
 
 
 def test_vllm_ascend_round_trip(tmp_path):
@@ -131,6 +136,11 @@ def test_vllm_ascend_round_trip(tmp_path):
     assert data["layer_list"][1]["device_list"][1] == {"device_id": 1,
                                                        "device_expert": [2, 0, 3]}
     assert check_vllm_ascend(data).shape == (2, 2, 3)
+    _, flags = write_engine_files(example(), "vllm-ascend", out)
+    # Current vLLM-Ascend reads the map under eplb_config, with the redundant count.
+    assert json.loads(flag_json(flags, "--additional-config")) == {
+        "eplb_config": {"expert_map_path": str(out), "num_redundant_experts": 2}}
+    assert "--enable-expert-parallel" in flags
     back = read_vllm_ascend(out)
     assert np.array_equal(back.phy2log, PHY2LOG) and back.num_gpus == 2
 
@@ -200,12 +210,19 @@ def test_every_format_round_trips(tmp_path_factory, placement, dense):
     tmp = tmp_path_factory.mktemp("rt")
     axis = LayerAxis.resolve(placement.num_layers, num_hidden_layers=placement.num_layers + dense,
                              dense_layers=tuple(range(dense)))
-    write_engine_files(placement, "sglang", tmp / "s.json", axis)
+    shared = bool((placement.replicas_on_gpu > 1).any())
+    write_engine_files(placement, "sglang", tmp / "s.json", axis,
+                       backend="none" if shared else None)
     write_engine_files(placement, "vllm", tmp / "v.json", axis)
-    write_engine_files(placement, "vllm-ascend", tmp / "a.json", axis)
-    for back in (read_sglang(tmp / "s.json"),
-                 read_vllm(tmp / "v.json", placement.num_gpus, placement.num_experts),
-                 read_vllm_ascend(tmp / "a.json", placement.num_experts)):
+    backs = [read_sglang(tmp / "s.json"),
+             read_vllm(tmp / "v.json", placement.num_gpus, placement.num_experts)]
+    if shared:
+        with pytest.raises(InputError, match="distinct GPUs"):
+            write_engine_files(placement, "vllm-ascend", tmp / "a.json", axis)
+    else:
+        write_engine_files(placement, "vllm-ascend", tmp / "a.json", axis)
+        backs.append(read_vllm_ascend(tmp / "a.json", placement.num_experts))
+    for back in backs:
         assert np.array_equal(back.phy2log, placement.phy2log)
         assert back.num_gpus == placement.num_gpus
     if (placement.logcnt == 1).all():
@@ -256,3 +273,97 @@ def test_cli_export_sglang_count_from_profile(tmp_path):
     out = tmp_path / "count.json"
     assert run(["export", str(prof), "--format", "sglang-count", "-o", str(out)]) == 0
     assert json.loads(out.read_text()) == {"logical_count": [[2, 0, 1, 1]]}
+
+
+# Expert 1 twice on GPU 0 in MoE layer 1 (hidden layer 2): what published EPLB can produce.
+SHARED = np.array([[0, 1, 2, 3, 1, 2],
+                   [1, 1, 0, 2, 3, 0]])
+
+
+def shared_example() -> Placement:
+    return Placement(phy2log=SHARED, num_gpus=2, num_experts=4, allow_shared_gpu=True,
+                     source="shared.json")
+
+
+@pytest.mark.parametrize("fmt, backend", [("sglang", None), ("sglang", "deepep"),
+                                          ("sglang", "mooncake"), ("vllm-ascend", None)])
+def test_replicas_on_one_gpu_refused_naming_layer_gpu_expert(tmp_path, fmt, backend):
+    axis = LayerAxis.resolve(2, num_hidden_layers=3, dense_layers=(0,))
+    with pytest.raises(InputError) as err:
+        write_engine_files(shared_example(), fmt, tmp_path / "p.json", axis, backend)
+    assert "layer 1 (hidden layer 2): GPU 0 holds 2 replicas of expert 1" in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_replicas_on_one_gpu_accepted_where_safe(tmp_path):
+    # SGLang without an a2a backend and vLLM load them as they are.
+    written, flags = write_engine_files(shared_example(), "sglang", tmp_path / "s.json",
+                                        backend="none")
+    assert "--moe-a2a-backend none" in flags and len(written) == 2
+    assert np.array_equal(read_sglang(tmp_path / "s.json").phy2log, SHARED)
+    write_engine_files(shared_example(), "vllm", tmp_path / "v.json")
+    assert json.loads((tmp_path / "v.json").read_text()) == SHARED.tolist()
+
+
+def test_published_eplb_placement_refused_for_deepep_unless_backend_none(tmp_path):
+    from moetuner import make_cluster, place
+    from moetuner.methods import PlaceOptions
+
+    # One expert far hotter than the rest: EPLB puts several of its copies on one GPU.
+    profile = Profile.from_load(np.array([[1000, 1, 1, 1]]))
+    placement, _ = place(profile, make_cluster(2, 1), "eplb", PlaceOptions(redundant=4))
+    assert (placement.replicas_on_gpu > 1).any()
+    with pytest.raises(InputError, match="replicas of expert 0"):
+        write_engine_files(placement, "sglang", tmp_path / "s.json")
+    write_engine_files(placement, "sglang", tmp_path / "s.json", backend="none")
+    fixed, _ = place(profile, make_cluster(2, 1), "eplb_fixed", PlaceOptions(redundant=4))
+    write_engine_files(fixed, "sglang", tmp_path / "f.json")
+    write_engine_files(fixed, "vllm-ascend", tmp_path / "a.json")
+
+
+def test_backend_flag_checked(tmp_path):
+    with pytest.raises(InputError, match="only with --format sglang"):
+        write_engine_files(example(), "vllm", tmp_path / "v.json", backend="none")
+    with pytest.raises(InputError, match="one of none, deepep"):
+        write_engine_files(example(), "sglang", tmp_path / "s.json", backend="deep-ep")
+    assert not list(tmp_path.iterdir())
+
+
+def test_sglang_flags_name_the_redundant_count_and_backend(tmp_path):
+    _, flags = write_engine_files(example(), "sglang", tmp_path / "s.json")
+    assert "--ep-num-redundant-experts 2 --ep-size 2 --moe-a2a-backend deepep" in flags
+
+
+def test_sglang_pair_is_written_all_or_none(tmp_path):
+    # The sidecar cannot be written (a directory holds its name): the main file is not left.
+    (tmp_path / "s.meta.json").mkdir()
+    with pytest.raises(OSError):
+        write_engine_files(example(), "sglang", tmp_path / "s.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.meta.json"]
+
+
+def test_vllm_ascend_output_must_end_in_json(tmp_path):
+    with pytest.raises(InputError, match="expert_map_path"):
+        write_engine_files(example(), "vllm-ascend", tmp_path / "a.txt")
+
+
+def test_cli_export_refuses_shared_gpu_and_overwriting_input(tmp_path, capsys):
+    src = tmp_path / "place.json"
+    shared_example().save(src)
+    assert run(["export", str(src), "--format", "sglang", "-o", str(tmp_path / "s.json")]) == 2
+    assert "GPU 0 holds 2 replicas of expert 1" in capsys.readouterr().err
+    assert run(["export", str(src), "--format", "sglang", "--backend", "none",
+                "-o", str(tmp_path / "s.json")]) == 0
+    before = src.read_text()
+    assert run(["export", str(src), "--format", "vllm", "-o", str(src)]) == 2
+    assert src.read_text() == before
+
+
+def test_cli_export_checks_the_model_expert_count(tmp_path, capsys):
+    src = tmp_path / "place.json"
+    placement = Placement(phy2log=np.tile(np.arange(8), (24, 1)), num_gpus=2, num_experts=8)
+    placement.save(src)
+    # gpt-oss-20b has 24 layers as here but 32 experts, not 8.
+    assert run(["export", str(src), "--format", "sglang", "--model", "gpt-oss-20b",
+                "-o", str(tmp_path / "s.json")]) == 2
+    assert "32 experts per layer" in capsys.readouterr().err

@@ -8,10 +8,17 @@ Formats (section 5 of the brief):
   ``OUT.meta.json``.
 - ``sglang-count``: ``{"logical_count": [[E loads] x num_hidden_layers]}`` from a profile
   (zeros for dense layers); SGLang then balances the experts itself.
-- ``vllm``: a JSON list of phy2log lists, one per MoE layer, plus ``OUT.jsonl`` with one
-  proposed ``eplb_initial_mapping`` record per MoE layer.
+- ``vllm``: a JSON list of phy2log lists, one per MoE layer: what the open vLLM proposal
+  ``eplb_config.initial_expert_map_path`` (#49572, not merged) reads; vLLM 0.33 has no flag
+  that loads a placement.
 - ``vllm-ascend``: the ``expert_map_path`` JSON (``moe_layer_count``, ``layer_list`` of
-  ``device_list`` of ``device_expert``).
+  ``device_list`` of ``device_expert``), given under ``eplb_config`` in
+  ``--additional-config``.
+
+Before writing, ``check_engine`` refuses a placement the engine would load wrongly: two
+replicas of one expert on one GPU for SGLang with an all-to-all backend (it keeps one replica
+per expert per rank; the other slot never gets weights while other ranks dispatch to it) and
+for vLLM-Ascend (one slot per expert per device: the layer's routing table shifts).
 - ``megatron``: ``expert_gpu [L, E]`` int ``.npy`` (the MoETuner paper's expert-to-GPU map);
   the only format for placements with empty slots, and it refuses replicas.
 """
@@ -20,20 +27,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import read_json, write_atomic, write_json, write_npy
+from moetuner.io import read_json, write_npy, write_together
 from moetuner.models import ModelSpec
 from moetuner.placement import Placement, pack_slots
 from moetuner.profile import Profile
 
 FORMATS = ("sglang", "sglang-count", "vllm", "vllm-ascend", "megatron")
 SIDECAR_FORMAT = "moetuner.sglang-meta"
+# SGLang 0.5.23's --moe-a2a-backend choices; every one but "none" keeps one replica of an
+# expert per rank (its nearest-replica map), so replicas must sit on distinct GPUs.
+SGLANG_A2A_BACKENDS = ("none", "deepep", "deepep_v2", "mooncake", "nixl", "mori",
+                       "ascend_fuseep", "ascend_tp", "flashinfer", "flashinfer_megamoe",
+                       "megamoe", "pplx")
+DEFAULT_SGLANG_BACKEND = "deepep"
 
 
 @dataclass(frozen=True)
@@ -185,16 +198,6 @@ def to_vllm(placement: Placement) -> list[list[int]]:
     return placement.phy2log.tolist()
 
 
-def vllm_mapping_records(placement: Placement, axis: LayerAxis) -> list[dict]:
-    """The proposed JSONL ``eplb_initial_mapping``: one record per MoE layer."""
-    return [{"eplb_initial_mapping": {"layer": layer, "moe_layer": index,
-                                      "num_gpus": placement.num_gpus,
-                                      "num_redundant_experts": placement.num_redundant,
-                                      "phy2log": row}}
-            for index, (layer, row) in enumerate(zip(axis.moe_layers, placement.phy2log.tolist(),
-                                                     strict=True))]
-
-
 def read_vllm(path: str | os.PathLike, num_gpus: int, num_experts: int | None = None
               ) -> Placement:
     """Read a JSON list of phy2log lists (E: the largest id + 1 unless given)."""
@@ -309,6 +312,53 @@ def read_megatron(path: str | os.PathLike, num_gpus: int | None = None) -> Place
     return placement_from_expert_gpu(expert_gpu, gpus or 1, str(path))
 
 
+# ---------------------------------------------------------------- engine constraints
+
+
+def check_engine(placement: Placement, fmt: str, backend: str | None = None,
+                 axis: LayerAxis | None = None) -> None:
+    """Raise ``InputError`` when the engine reading ``fmt`` would load ``placement`` wrongly.
+
+    Every engine format needs equal slots per GPU (no empty slot; ``megatron`` excepted).
+    Replicas of one expert must sit on distinct GPUs for SGLang with an all-to-all
+    ``backend`` (any ``--moe-a2a-backend`` but ``none``; default ``deepep``) and always for
+    vLLM-Ascend; vLLM loads them as they are; ``megatron`` refuses replicas altogether.
+
+    Args:
+        placement: what is to be exported.
+        fmt: one of ``FORMATS`` (not ``sglang-count``, which carries no placement).
+        backend: SGLang's ``--moe-a2a-backend`` (``fmt == "sglang"`` only), None = default.
+        axis: MoE layers among the hidden layers, to name the hidden layer in messages.
+    """
+    if backend is not None and fmt != "sglang":
+        raise InputError("--backend", "backend", "only with --format sglang (SGLang's "
+                         "--moe-a2a-backend)", repr(backend))
+    backend = DEFAULT_SGLANG_BACKEND if backend is None else backend
+    if backend not in SGLANG_A2A_BACKENDS:
+        raise InputError("--backend", "backend", f"one of {', '.join(SGLANG_A2A_BACKENDS)}",
+                         repr(backend))
+    if placement.allow_empty_slots and fmt != "megatron":
+        raise InputError(placement.source, "phy2log", "no empty slots (-1) for " + fmt +
+                         ": engines need equal slots per GPU; export it as megatron")
+    if fmt == "sglang" and backend != "none":
+        why = (f"SGLang with --moe-a2a-backend {backend} keeps one replica of an expert per "
+               "GPU; pass --backend none if it runs with --moe-a2a-backend none")
+    elif fmt == "vllm-ascend":
+        why = "vLLM-Ascend keeps one slot of an expert per device"
+    else:
+        return
+    shared = np.argwhere(placement.replicas_on_gpu > 1)
+    if len(shared):
+        layer, expert, gpu = (int(i) for i in shared[0])
+        hidden = f" (hidden layer {axis.moe_layers[layer]})" if axis else ""
+        raise InputError(placement.source, "phy2log",
+                         f"the replicas of each expert on distinct GPUs ({why}; place with "
+                         "eplb_fixed or a moetuner method)",
+                         f"layer {layer}{hidden}: GPU {gpu} holds "
+                         f"{placement.replicas_on_gpu[layer, expert, gpu]} replicas of expert "
+                         f"{expert}")
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -319,15 +369,55 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.meta.json")
 
 
+def engine_outputs(fmt: str, out: str | os.PathLike) -> list[Path]:
+    """The files ``write_engine_files`` writes for ``fmt`` to ``out``."""
+    return [Path(out), sidecar_path(out)] if fmt == "sglang" else [Path(out)]
+
+
+def engine_flags(placement: Placement, fmt: str, out: str | os.PathLike,
+                 backend: str | None = None) -> str:
+    """The engine settings that load ``out`` (text to print; one line per engine)."""
+    R, G = placement.num_redundant, placement.num_gpus
+    if fmt == "sglang":
+        backend = DEFAULT_SGLANG_BACKEND if backend is None else backend
+        caveat = ("replicas of each expert are on distinct GPUs, as every a2a backend needs"
+                  if backend != "none" else
+                  "without an a2a backend; with one, export again with --backend deepep")
+        return (f"sglang: --init-expert-location {out} --ep-num-redundant-experts {R} "
+                f"--ep-size {G} --moe-a2a-backend {backend}  ({caveat}; the EP size must be "
+                "the placement's GPU count; no --enable-eplb, which would rebalance it away)")
+    if fmt == "vllm":
+        return (f"vllm: --enable-expert-parallel --enable-eplb --eplb-config "
+                f"'{{\"num_redundant_experts\": {R}}}' on {G} EP ranks starts vLLM 0.33 with "
+                f"{R} redundant experts, which vLLM places itself: no vLLM release loads a "
+                f"placement yet. {out} is the JSON list of phy2log per MoE layer that the open "
+                "proposal eplb_config.initial_expert_map_path (vLLM #49572, NOT MERGED) reads: "
+                f"add \"initial_expert_map_path\": \"{out}\" to --eplb-config once it lands")
+    if fmt == "vllm-ascend":
+        return (f"vllm-ascend: --enable-expert-parallel --additional-config "
+                f"'{{\"eplb_config\": {{\"expert_map_path\": \"{out}\", "
+                f"\"num_redundant_experts\": {R}}}}}' on {G} EP devices (static EPLB of "
+                "Model Runner V1)")
+    return (f"megatron: expert_gpu [{placement.num_layers}, {placement.num_experts}] map in "
+            f"{out}")
+
+
+def _json_writer(obj: object, indent: int | None = None) -> Callable:
+    return lambda handle: json.dump(obj, handle, indent=indent)
+
+
 def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.PathLike,
-           axis: LayerAxis | None = None) -> tuple[list[Path], str]:
-    """Write ``source`` in engine format ``fmt`` to ``out`` (and sidecars), atomically.
+                       axis: LayerAxis | None = None, backend: str | None = None
+                       ) -> tuple[list[Path], str]:
+    """Check ``source`` against the engine's constraints, then write it in engine format
+    ``fmt`` to ``out`` (and the sidecar of ``sglang``), all files or none.
 
     Args:
         source: a placement, or a profile for ``sglang-count``.
         fmt: one of ``FORMATS``.
         out: the file to write.
         axis: MoE layers among the hidden layers (SGLang formats); default: all MoE.
+        backend: SGLang's ``--moe-a2a-backend`` for ``sglang`` (see ``check_engine``).
 
     Returns:
         the files written, and the engine flags / settings to use them (text to print).
@@ -338,6 +428,9 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
     if fmt.startswith("sglang") and out.suffix != ".json":
         raise InputError("-o", "output", "a path ending in .json (SGLang parses any other "
                          "--init-expert-location value as inline JSON)", str(out))
+    if fmt == "vllm-ascend" and out.suffix != ".json":
+        raise InputError("-o", "output", "a path ending in .json (vLLM-Ascend refuses any "
+                         "other expert_map_path)", str(out))
     want_profile = fmt == "sglang-count"
     if want_profile != isinstance(source, Profile):
         raise InputError(getattr(source, "source", "<input>"), "input",
@@ -345,36 +438,20 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
                          f"a placement JSON for {fmt}")
     axis = axis or LayerAxis(source.num_layers, tuple(range(source.num_layers)))
     if want_profile:
-        write_json(out, to_sglang_count(source, axis))
+        write_together({out: _json_writer(to_sglang_count(source, axis))})
         return [out], (f"sglang: --init-expert-location {out} (SGLang balances these "
                        "logical counts itself; add --ep-num-redundant-experts R for replicas)")
-    if source.allow_empty_slots and fmt != "megatron":
-        raise InputError(source.source, "phy2log", "no empty slots (-1) for " + fmt +
-                         ": engines need equal slots per GPU; export it as megatron")
+    check_engine(source, fmt, backend, axis)
+    flags = engine_flags(source, fmt, out, backend)
     if fmt == "sglang":
         meta = sidecar_path(out)
-        write_json(meta, sglang_sidecar(source, axis), indent=1)
-        write_json(out, to_sglang(source, axis))
-        return [out, meta], (f"sglang: --init-expert-location {out} --ep-num-redundant-experts "
-                             f"{source.num_redundant} --ep-size {source.num_gpus} "
-                             "(the expert-parallel size must be the placement's GPU count)")
+        write_together({out: _json_writer(to_sglang(source, axis)),
+                        meta: _json_writer(sglang_sidecar(source, axis), indent=1)})
+        return [out, meta], flags
     if fmt == "vllm":
-        records = out.with_suffix(".jsonl")
-        write_json(out, to_vllm(source))
-        _write_jsonl(records, vllm_mapping_records(source, axis))
-        return [out, records], (
-            f"vllm: --enable-expert-parallel --enable-eplb --eplb-config "
-            f"'{{\"num_redundant_experts\": {source.num_redundant}}}' with {source.num_gpus} "
-            f"expert-parallel ranks; vLLM has no flag to load an initial mapping yet: "
-            f"{out} is the phy2log per MoE layer and {records} the proposed "
-            "eplb_initial_mapping records")
-    if fmt == "vllm-ascend":
-        write_json(out, to_vllm_ascend(source))
-        return [out], (f"vllm-ascend: --additional-config '{{\"expert_map_path\": \"{out}\"}}' "
-                       f"with {source.num_gpus} expert-parallel devices")
-    write_npy(out, to_megatron(source))
-    return [out], f"megatron: expert_gpu [{source.num_layers}, {source.num_experts}] map in {out}"
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    write_atomic(path, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in records))
+        write_together({out: _json_writer(to_vllm(source))})
+    elif fmt == "vllm-ascend":
+        write_together({out: _json_writer(to_vllm_ascend(source))})
+    else:
+        write_npy(out, to_megatron(source))
+    return [out], flags

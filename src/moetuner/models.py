@@ -32,6 +32,9 @@ class ModelSpec:
         expert_bytes_per_param: bytes per expert weight (2 for BF16, 1 for FP8, 0.53125 MXFP4).
         activation_bytes: bytes per activation element sent in all-to-all (BF16 = 2).
         num_shared_experts: always-active experts (not placed; informational).
+        num_expert_groups: expert groups of group-limited routing [n_group; 1 for models
+            without it]; the engines pass it to EPLB as ``num_groups`` (8 for DeepSeek-V3
+            selects EPLB's hierarchical policy).
     """
 
     name: str
@@ -45,6 +48,7 @@ class ModelSpec:
     expert_bytes_per_param: float = 2.0
     activation_bytes: float = 2.0
     num_shared_experts: int = 0
+    num_expert_groups: int = 1
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -85,7 +89,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", 48, (), 128, 8, 2048, 768),
         ModelSpec("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B", 94, (), 128, 8, 4096, 1536),
         ModelSpec("deepseek-v3", "deepseek-ai/DeepSeek-V3", 61, (0, 1, 2), 256, 8, 7168, 2048,
-                  expert_bytes_per_param=1.0, num_shared_experts=1),
+                  expert_bytes_per_param=1.0, num_shared_experts=1, num_expert_groups=8),
     ]
 }
 

@@ -10,7 +10,15 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.options import profile_with_progress
 from moetuner.errors import InputError
-from moetuner.export import FORMATS, LayerAxis, write_engine_files
+from moetuner.export import (
+    DEFAULT_SGLANG_BACKEND,
+    FORMATS,
+    SGLANG_A2A_BACKENDS,
+    LayerAxis,
+    engine_outputs,
+    write_engine_files,
+)
+from moetuner.io import check_outputs
 from moetuner.models import get_model
 from moetuner.placement import load_placement
 
@@ -38,15 +46,28 @@ def export_command(
         "--num-hidden-layers", help="all transformer layers, dense included")] = None,
     dense_layers: Annotated[str | None, typer.Option(
         "--dense-layers", help="comma-separated hidden-layer indices without experts")] = None,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", help="--format sglang: SGLang's --moe-a2a-backend, one of "
+        f"{', '.join(SGLANG_A2A_BACKENDS)} (default {DEFAULT_SGLANG_BACKEND}); every one but "
+        "none needs each expert's replicas on distinct GPUs")] = None,
 ) -> None:
-    """Write a placement in the file a serving engine loads and print the flags to use it."""
+    """Write a placement in the file a serving engine loads and print the flags to use it.
+
+    A placement the engine would load wrongly (two replicas of one expert on one GPU for
+    SGLang with an a2a backend or vLLM-Ascend) is refused, naming the layer, GPU and expert.
+    """
+    check_outputs(engine_outputs(fmt, output), [source])
+    spec = get_model(model) if model else None
     if fmt == "sglang-count":
         data = profile_with_progress(str(source), None, None)
     else:
         data = load_placement(source)
-    axis = LayerAxis.resolve(data.num_layers, get_model(model) if model else None,
-                             num_hidden_layers, parse_layer_list(dense_layers))
-    written, flags = write_engine_files(data, fmt, output, axis)
+    if spec is not None and data.num_experts != spec.num_experts:
+        raise InputError(str(source), "num_experts", f"{spec.num_experts} experts per layer, "
+                         f"as {spec.name} has", data.num_experts)
+    axis = LayerAxis.resolve(data.num_layers, spec, num_hidden_layers,
+                             parse_layer_list(dense_layers))
+    written, flags = write_engine_files(data, fmt, output, axis, backend)
     # soft_wrap: the flags stay on one line, ready to copy.
     console.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
     console.print(flags, markup=False, highlight=False, soft_wrap=True)

@@ -13,8 +13,17 @@ pack that still has room. EPLB may put two replicas of one expert on one GPU; ``
 forbids that (a replica only goes to a pack without a copy of its expert, repaired by a swap
 in the rare case greedy runs out of such packs).
 
-Method params: ``num_groups`` (expert groups, default 1 = global policy unless set),
-``fixed`` (bool, default False for ``eplb``; the ``eplb_fixed`` method sets it).
+Arithmetic is DeepSeek's: loads are cast to float32 and every sum and load-per-replica is a
+float32 value, so the comparisons are the same ones DeepSeek makes. **Tie rule**: where
+DeepSeek compares equal values (two items of equal weight, two packs of equal load, two
+experts of equal load per replica) the lower index wins: items of equal weight are taken in
+ascending index order, the lowest-numbered pack and expert are chosen. DeepSeek leaves these
+to ``torch.sort`` / ``torch.max``, which do not promise an order; on inputs without such ties
+the result equals DeepSeek's exactly.
+
+Method params: ``num_groups`` (expert groups; default: the model preset's group count, as
+the engines pass it, e.g. 8 for DeepSeek-V3, found by the profile's shape; 1 when no preset
+matches), ``fixed`` (bool, default False for ``eplb``; the ``eplb_fixed`` method sets it).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from moetuner.cluster import Cluster
+from moetuner.errors import InputError
 from moetuner.methods import PlaceOptions, SolveRecord, register
+from moetuner.models import model_with_shape
 from moetuner.profile import Profile
 
 
@@ -32,7 +43,7 @@ def balanced_packing(
     """Pack n items into ``num_packs`` packs of n / num_packs items, greedily by weight.
 
     Args:
-        weight: float ``[X, n]`` item weights for X independent rows (layers).
+        weight: float32 ``[X, n]`` item weights for X independent rows (layers).
         num_packs: packs per row; must divide n.
         keys: int ``[X, n]`` or None; items with the same key never share a pack.
 
@@ -49,7 +60,7 @@ def balanced_packing(
         rank_in_pack[:] = 0
         return pack_index, rank_in_pack
     order = np.argsort(-weight, axis=1, kind="stable")
-    pack_weight = np.zeros((rows, num_packs))
+    pack_weight = np.zeros((rows, num_packs), dtype=weight.dtype)
     pack_items = np.zeros((rows, num_packs), dtype=np.int64)
     row = np.arange(rows)
     if keys is not None:
@@ -112,7 +123,7 @@ def replicate_experts(weight: np.ndarray, num_physical: int, max_copies: int | N
     """Add ``num_physical - n`` replicas, each to the expert with the most load per replica.
 
     Args:
-        weight: float ``[X, n]`` load of each logical expert.
+        weight: float32 ``[X, n]`` load of each logical expert.
         num_physical: physical experts per row after replication.
         max_copies: cap on the copies of one expert (the GPUs they must spread over), or None.
 
@@ -127,7 +138,7 @@ def replicate_experts(weight: np.ndarray, num_physical: int, max_copies: int | N
     logcnt = np.ones((rows, n), dtype=np.int64)
     row = np.arange(rows)
     for slot in range(n, num_physical):
-        per_copy = weight / logcnt
+        per_copy = (weight / logcnt).astype(np.float32)   # DeepSeek's float32 quotient
         if max_copies is not None:
             per_copy = np.where(logcnt >= max_copies, -np.inf, per_copy)
         hottest = np.argmax(per_copy, axis=1)
@@ -166,7 +177,7 @@ def rebalance_hierarchical(
     phy2mlog, phy_rank, mlogcnt = replicate_experts(mlog_load, num_physical // num_nodes,
                                                     gpus_per_node if fixed else None)
     # 3. each node's physical experts to its GPUs.
-    phy_load = np.take_along_axis(mlog_load / mlogcnt, phy2mlog, axis=1)
+    phy_load = np.take_along_axis((mlog_load / mlogcnt).astype(np.float32), phy2mlog, axis=1)
     pack, rank = balanced_packing(phy_load, gpus_per_node, phy2mlog if fixed else None)
     phy2pphy = pack * slots_per_gpu + rank
     pphy2phy = _inverse(phy2pphy)
@@ -179,11 +190,40 @@ def rebalance_hierarchical(
     return pphy2log, pphy_rank, logcnt
 
 
+class EplbArgumentError(InputError, AssertionError):
+    """A request EPLB cannot serve. Also an ``AssertionError``: DeepSeek's and vLLM's EPLB
+    assert their arguments, and vLLM's tests expect that type."""
+
+
+def check_arguments(shape: tuple[int, ...], num_replicas: int, num_groups: int, num_nodes: int,
+                    num_gpus: int, source: str = "eplb") -> None:
+    """Raise ``EplbArgumentError`` unless EPLB can place ``weight`` of ``shape`` ``[L, E]``."""
+    if len(shape) != 2 or 0 in shape:
+        raise EplbArgumentError(source, "weight", "a non-empty load array [layers, experts]",
+                                list(shape))
+    E = shape[1]
+    for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes),
+                        ("num_gpus", num_gpus)):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise EplbArgumentError(source, name, "a positive integer", value)
+    if num_replicas < E or num_replicas % num_gpus:
+        raise EplbArgumentError(source, "num_replicas",
+                                f"a multiple of the {num_gpus} GPUs and at least E = {E}",
+                                num_replicas)
+    if num_gpus % num_nodes:
+        raise EplbArgumentError(source, "num_gpus", f"a multiple of the {num_nodes} nodes",
+                                num_gpus)
+    # Groups only matter to the hierarchical policy, which splits E into equal groups.
+    if num_groups % num_nodes == 0 and E % num_groups:
+        raise EplbArgumentError(source, "num_groups", f"a divisor of the {E} experts",
+                                num_groups)
+
+
 def rebalance_experts(
     weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
     fixed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DeepSeek EPLB over numpy.
+    """DeepSeek EPLB over numpy (float32 arithmetic and tie rule: see the module docstring).
 
     Args:
         weight: ``[L, E]`` load of each logical expert.
@@ -197,10 +237,15 @@ def rebalance_experts(
 
     Returns:
         phy2log: int ``[L, P]`` logical expert in each physical slot.
-        log2phy: int ``[L, E, P - E + 1]`` physical slots of each expert, padded with -1.
+        log2phy: int ``[L, E, X]`` physical slots of each expert in replica order (the
+            original first), padded with -1; X = ``logcnt.max()`` as DeepSeek's.
         logcnt: int ``[L, E]`` replicas of each logical expert.
+
+    Raises:
+        EplbArgumentError: on arguments EPLB cannot serve (``check_arguments``).
     """
-    weight = np.asarray(weight, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float32)
+    check_arguments(weight.shape, num_replicas, num_groups, num_nodes, num_gpus)
     L, E = weight.shape
     # The fixed variant keeps a node's copies of an expert on distinct GPUs of that node, so
     # the hierarchical policy only fits when each GPU's slots fit the node's experts.
@@ -211,20 +256,29 @@ def rebalance_experts(
     else:
         phy2log, rank, logcnt = rebalance_hierarchical(weight, num_replicas, 1, 1, num_gpus,
                                                        fixed)
-    width = num_replicas - E + 1
+    width = int(logcnt.max())
     log2phy = np.full((L, E * width), -1, dtype=np.int64)
     np.put_along_axis(log2phy, phy2log * width + rank,
                       np.broadcast_to(np.arange(num_replicas), (L, num_replicas)), axis=1)
     return phy2log, log2phy.reshape(L, E, width), logcnt
 
 
+def engine_num_groups(profile: Profile) -> int:
+    """The expert groups an engine passes to EPLB for this profile's model: the group count
+    of the preset with the profile's (layers, experts, k), else 1."""
+    model = model_with_shape(profile.num_layers, profile.num_experts, profile.top_k)
+    return 1 if model is None else model.num_expert_groups
+
+
 def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: bool
            ) -> tuple[np.ndarray, SolveRecord]:
     slots = options.slots_per_gpu(profile.num_experts, cluster.num_gpus) * cluster.num_gpus
-    num_groups = int(options.params.get("num_groups", 1))
+    num_groups = options.params.get("num_groups")
+    num_groups = engine_num_groups(profile) if num_groups is None else num_groups
     phy2log, _, _ = rebalance_experts(profile.load, slots, num_groups, cluster.num_nodes,
                                       cluster.num_gpus, fixed=fixed)
-    return phy2log, SolveRecord(method="eplb_fixed" if fixed else "eplb")
+    return phy2log, SolveRecord(method="eplb_fixed" if fixed else "eplb",
+                                log=f"num_groups={num_groups}")
 
 
 @register("eplb", may_share_gpus=True)
