@@ -71,3 +71,27 @@ def test_fixed_variant_with_one_gpu_per_node_falls_back_to_global_policy():
     per_gpu = phy2log.reshape(2, 3)
     assert all(len(set(row)) == 3 for row in per_gpu.tolist())
     assert logcnt[0, 0] == 2 and logcnt.sum() == 6
+
+
+def test_groups_come_from_the_model_preset_and_param_overrides():
+    from moetuner.models import get_model
+
+    v3 = get_model("deepseek-v3")
+    assert v3.num_expert_groups == 8 and get_model("mixtral-8x7b").num_expert_groups == 1
+    rng = np.random.default_rng(3)
+    load = rng.pareto(1.5, (v3.num_moe_layers, v3.num_experts)) * 100 + 1
+    profile = Profile.from_load(load, top_k=v3.top_k)
+    cluster = make_cluster(16, 2)
+    options = PlaceOptions(redundant=32)
+    placement, record = place(profile, cluster, "eplb", options)
+    # As SGLang and vLLM run it: 8 groups over 2 nodes select the hierarchical policy.
+    engines = rebalance_experts(load, 288, 8, 2, 16)[0]
+    assert np.array_equal(placement.phy2log, engines) and record.log == "num_groups=8"
+    one_group = rebalance_experts(load, 288, 1, 2, 16)[0]
+    assert not np.array_equal(engines, one_group)
+    override, _ = place(profile, cluster, "eplb",
+                        PlaceOptions(redundant=32, params={"num_groups": 1}))
+    assert np.array_equal(override.phy2log, one_group)
+    # A shape no preset has: one group.
+    _, record = place(Profile.from_load(load[:2, :16]), make_cluster(4, 2), "eplb")
+    assert record.log == "num_groups=1"
