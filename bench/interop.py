@@ -73,10 +73,11 @@ def part2() -> None:
     spec = get_model("deepseek-v3")
     rng = np.random.default_rng(0)
     E, R, G = spec.num_experts, 32, 32
-    rows = [rng.permutation(np.concatenate([np.arange(E), rng.choice(E, R, replace=False)]))
-            for _ in range(spec.num_moe_layers)]
-    placement = Placement(phy2log=np.array(rows), num_gpus=G, num_experts=E,
-                          allow_shared_gpu=True)
+    # Replicas on distinct GPUs: what every engine format loads (export refuses the rest).
+    weight = rng.pareto(1.5, (spec.num_moe_layers, E)) * 100 + 1
+    phy2log, _, _ = rebalance_experts(weight, E + R, spec.num_expert_groups, 4, G,
+                                      method="eplb_fixed")
+    placement = Placement(phy2log=phy2log, num_gpus=G, num_experts=E)
     single = Placement.from_expert_gpu(rng.permuted(np.tile(np.repeat(np.arange(G), E // G),
                                                             (spec.num_moe_layers, 1)), axis=1), G)
     axis = LayerAxis.resolve(spec.num_moe_layers, spec)
