@@ -17,29 +17,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / ".engines"
 DOWNLOADS, SOURCES = ROOT / "downloads", ROOT / "src"
-# package spec -> (file name prefix on PyPI, files to extract, relative to the package root)
+# package spec -> (archive name prefix, extra pip arguments, environment, files to extract
+# relative to the package root). Sdists are downloaded after pip prepares their metadata.
 ENGINES = {
-    "sglang==0.5.23": ("sglang-0.5.23", ["sglang/srt/eplb/expert_location.py"]),
-    "vllm==0.33.0": ("vllm-0.33.0", ["vllm/distributed/eplb/policy/abstract.py",
-                                     "vllm/distributed/eplb/policy/default.py"]),
-    # Only an sdist: pip prepares its metadata, which needs setuptools-scm and a SOC_VERSION.
-    "vllm-ascend==0.23.0.post1": ("vllm_ascend-0.23.0.post1",
+    "sglang==0.5.23": ("sglang-0.5.23", [], {}, ["sglang/srt/eplb/expert_location.py"]),
+    # The sdist (47 MB, not the 336 MB wheel): it carries vLLM's own EPLB tests. Its metadata
+    # needs torch and setuptools-rust; "empty" is vLLM's device-free build target.
+    "vllm==0.33.0": ("vllm-0.33.0", ["--no-binary", "vllm"],
+                     {"VLLM_TARGET_DEVICE": "empty", "VLLM_VERSION_OVERRIDE": "0.33.0"},
+                     ["vllm/distributed/eplb/policy/abstract.py",
+                      "vllm/distributed/eplb/policy/default.py",
+                      "vllm/distributed/eplb/eplb_state.py",
+                      "tests/distributed/test_eplb_algo.py"]),
+    # Only an sdist: its metadata needs setuptools-scm and a SOC_VERSION (any Ascend chip).
+    "vllm-ascend==0.23.0.post1": ("vllm_ascend-0.23.0.post1", [],
+                                  {"SOC_VERSION": "ascend910b1"},
                                   ["vllm_ascend/eplb/core/eplb_utils.py",
                                    "vllm_ascend/ascend_config.py"]),
 }
 
 
-def download(spec: str, prefix: str) -> Path | None:
+def download(spec: str, prefix: str, arguments: list[str], env: dict[str, str]
+             ) -> Path | None:
     found = sorted(DOWNLOADS.glob(prefix + "*"))
     if not found:
-        env = {**os.environ, "SOC_VERSION": os.environ.get("SOC_VERSION", "ascend910b1")}
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                                 "--no-deps", "--no-build-isolation", spec, "-d",
-                                 str(DOWNLOADS)], env=env, capture_output=True, text=True)
+                                 "--no-deps", "--no-build-isolation", *arguments, spec, "-d",
+                                 str(DOWNLOADS)], env={**os.environ, **env},
+                                capture_output=True, text=True)
         found = sorted(DOWNLOADS.glob(prefix + "*"))
         if result.returncode or not found:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no file"]
-            print(f"engine checks: SKIP {spec}: pip download failed: {tail[0]}")
+            lines = [line for line in (result.stderr + result.stdout).splitlines()
+                     if "rror" in line] or ["no file"]
+            print(f"engine checks: SKIP {spec}: pip download failed: {lines[-1].strip()}")
             return None
     return found[0]
 
@@ -59,8 +69,8 @@ def extract(archive: Path, files: list[str]) -> None:
 
 def main() -> int:
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    for spec, (prefix, files) in ENGINES.items():
-        archive = download(spec, prefix)
+    for spec, (prefix, arguments, env, files) in ENGINES.items():
+        archive = download(spec, prefix, arguments, env)
         if archive is not None:
             extract(archive, files)
             print(f"engine checks: {spec}: {len(files)} loader files in {SOURCES}")

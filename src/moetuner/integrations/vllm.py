@@ -112,6 +112,13 @@ class MoetunerEplbPolicy:
                                  num_ranks)
         return like_input(weight, phy2log)
 
+    @classmethod
+    def preserve_intragpu_slots(cls, phy2log: np.ndarray, num_ranks: int,
+                                old_phy2log: np.ndarray) -> np.ndarray:
+        """``keep_slots`` under the name and argument order of vLLM's default policy (its
+        tests call it)."""
+        return keep_slots(np.asarray(phy2log), np.asarray(old_phy2log), num_ranks)
+
 
 def policy(method: str = "eplb", **params: Any) -> type[MoetunerEplbPolicy]:
     """A ``MoetunerEplbPolicy`` subclass that places with ``method`` and ``params``."""
