@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,3 +96,15 @@ def test_groups_come_from_the_model_preset_and_param_overrides():
     # A shape no preset has: one group.
     _, record = place(Profile.from_load(load[:2, :16]), make_cluster(4, 2), "eplb")
     assert record.log == "num_groups=1"
+
+
+@pytest.mark.parametrize("groups", ["0", "abc", "2.5", "6"])   # 6 groups: E = 8 does not split
+def test_cli_bad_num_groups_exit_2(tmp_path, capsys, groups):
+    from moetuner.cli import run
+
+    src = tmp_path / "prof.npz"
+    Profile.from_load(np.arange(1, 9).reshape(1, 8)).save(src)
+    out = tmp_path / "p.json"
+    assert run(["place", str(src), "--method", "eplb", "--gpus", "2", "--nodes", "2",
+                "--param", f"num_groups={groups}", "-o", str(out)]) == 2
+    assert "--param: num_groups" in capsys.readouterr().err and not out.exists()

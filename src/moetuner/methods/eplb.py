@@ -275,6 +275,8 @@ def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: boo
     slots = options.slots_per_gpu(profile.num_experts, cluster.num_gpus) * cluster.num_gpus
     num_groups = options.params.get("num_groups")
     num_groups = engine_num_groups(profile) if num_groups is None else num_groups
+    check_arguments(profile.load.shape, slots, num_groups, cluster.num_nodes, cluster.num_gpus,
+                    source="--param")
     phy2log, _, _ = rebalance_experts(profile.load, slots, num_groups, cluster.num_nodes,
                                       cluster.num_gpus, fixed=fixed)
     return phy2log, SolveRecord(method="eplb_fixed" if fixed else "eplb",
