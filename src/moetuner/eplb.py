@@ -27,8 +27,10 @@ def rebalance_experts(
 ) -> tuple[Any, Any, Any]:
     """Place experts EPLB-style with ``method``.
 
-    With ``method="eplb"`` the result equals DeepSeek's ``eplb.rebalance_experts`` whenever
-    the input has no ties (the tie rule: ``moetuner.methods.eplb``).
+    With ``method="eplb"``, ``phy2log`` and ``logcnt`` equal DeepSeek's
+    ``eplb.rebalance_experts`` whenever the loads have no ties, and ``log2phy`` lists the same
+    slots per expert (the tie rule and the order among an expert's replicas:
+    ``moetuner.methods.eplb``).
 
     Args:
         weight: ``[L, E]`` load of each logical expert (numpy array or torch tensor).

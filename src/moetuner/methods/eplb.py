@@ -18,8 +18,11 @@ float32 value, so the comparisons are the same ones DeepSeek makes. **Tie rule**
 DeepSeek compares equal values (two items of equal weight, two packs of equal load, two
 experts of equal load per replica) the lower index wins: items of equal weight are taken in
 ascending index order, the lowest-numbered pack and expert are chosen. DeepSeek leaves these
-to ``torch.sort`` / ``torch.max``, which do not promise an order; on inputs without such ties
-the result equals DeepSeek's exactly.
+to ``torch.sort`` / ``torch.max``, which do not promise an order. On loads without ties
+``phy2log`` and ``logcnt`` equal DeepSeek's exactly, and ``log2phy`` lists the same slots
+for each expert; the replicas of one expert always tie (equal load each) when packed onto
+GPUs, so for a replicated expert the order of its slots can differ from DeepSeek's, whose
+``torch.sort`` does not keep index order beyond 16 items.
 
 Method params: ``num_groups`` (expert groups; default: the model preset's group count, as
 the engines pass it, e.g. 8 for DeepSeek-V3, found by the profile's shape; 1 when no preset
