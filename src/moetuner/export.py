@@ -14,13 +14,13 @@ Formats (section 5 of the brief):
 - ``vllm-ascend``: the ``expert_map_path`` JSON (``moe_layer_count``, ``layer_list`` of
   ``device_list`` of ``device_expert``), given under ``eplb_config`` in
   ``--additional-config``.
+- ``megatron``: ``expert_gpu [L, E]`` int ``.npy`` (the MoETuner paper's expert-to-GPU map);
+  the only format for placements with empty slots, and it refuses replicas.
 
 Before writing, ``check_engine`` refuses a placement the engine would load wrongly: two
 replicas of one expert on one GPU for SGLang with an all-to-all backend (it keeps one replica
 per expert per rank; the other slot never gets weights while other ranks dispatch to it) and
 for vLLM-Ascend (one slot per expert per device: the layer's routing table shifts).
-- ``megatron``: ``expert_gpu [L, E]`` int ``.npy`` (the MoETuner paper's expert-to-GPU map);
-  the only format for placements with empty slots, and it refuses replicas.
 """
 
 from __future__ import annotations
