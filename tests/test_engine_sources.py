@@ -129,6 +129,16 @@ def test_sglang_a2a_leaves_a_shared_replica_unloaded(engine_modules, tmp_path):
         write_engine_files(SHARED, "sglang", tmp_path / "q.json", AXIS)
 
 
+def test_sglang_does_not_check_the_redundant_count(engine_modules, tmp_path):
+    # Told 4 more redundant experts than the file has, SGLang 0.5.23 loads the 12-slot map
+    # for 16 physical experts without a word: the printed --ep-num-redundant-experts must
+    # be used as it is (moetuner's own reader checks it against the sidecar).
+    out = tmp_path / "p.json"
+    write_engine_files(GOOD, "sglang", out, AXIS)
+    metadata = sglang_load(engine_modules, out, "deepep", 4, GOOD.num_redundant + 4)
+    assert metadata[0].num_physical_experts == 12
+
+
 # ---------------------------------------------------------------- vLLM-Ascend
 
 
