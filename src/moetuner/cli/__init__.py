@@ -68,5 +68,6 @@ from moetuner.cli import (  # noqa: E402,F401
     place,
     profile,
     report,
+    sweep,
     synth,
 )
