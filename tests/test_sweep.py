@@ -215,3 +215,9 @@ workers = 1
     assert run(["sweep", str(grid_file), "-o", str(tmp_path / "bad")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert run(["sweep", "--trace", inputs.trace, "-o", str(tmp_path / "bad")]) == 2
+
+
+def test_an_input_error_in_a_worker_reaches_the_caller():
+    # InputError survives pickling, so a pool or Ray worker's error is the user's message.
+    with pytest.raises(InputError, match="--gpus"):
+        list(map_tasks(make_cluster, [0, 4], workers=2))
