@@ -1,5 +1,8 @@
 import csv
 import math
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -221,3 +224,28 @@ def test_an_input_error_in_a_worker_reaches_the_caller():
     # InputError survives pickling, so a pool or Ray worker's error is the user's message.
     with pytest.raises(InputError, match="--gpus"):
         list(map_tasks(make_cluster, [0, 4], workers=2))
+
+
+def test_a_killed_sweep_process_resumes(inputs, tmp_path):
+    grid = SweepGrid(gpus=(2, 4, 8), redundant=(0, "G"),
+                     methods=("linear", "eplb", "round_robin"), exec_models=("return",))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-c", "from moetuner.cli import main; main()", "sweep",
+               "--profile", inputs.profile, "--profile-select", inputs.profile_select[0],
+               "--trace", inputs.trace, "--select", inputs.select[0], "--gpus", "2,4,8",
+               "--redundant", "0,G", "--methods", "linear,eplb,round_robin",
+               "--exec", "return", "--workers", "1", "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None and len(
+                list(out.glob("points/*.json"))) < 2:
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    written = {path: path.read_bytes() for path in out.glob("points/*.json")}
+    assert len(written) >= 2 and not (out / "sweep.csv").exists()
+    resumed = run_sweep(inputs, grid, out, workers=1)
+    assert (resumed.reused, resumed.computed) == (len(written), len(resumed.rows) - len(written))
+    assert all(path.read_bytes() == data for path, data in written.items())

@@ -55,8 +55,9 @@ from moetuner.trace import Trace
 # Batching settings the evaluator supports (per-step batching arrives with its
 # ``batching=`` and ``concurrency=`` arguments; ``EvalOptions.evaluate_kwargs`` passes them).
 BATCHING = ("none",)
-# The predicted time the Pareto plot and the recommendation use.
+# The predicted time the Pareto plot and the recommendation use, and its name in tables.
 TIME_COLUMN = "moe_time_per_batch_s"
+TIME_LABEL = "MoE ms/batch"
 TIE_TOLERANCE = 0.01
 
 
@@ -281,17 +282,20 @@ def run_point(task: PointTask) -> dict:
     result, cost = evaluate(placement, trace, cluster, model, point.exec_model,
                             **grid.evaluation.evaluate_kwargs(point, coefficients))
     time = cost.summary()[TIME_COLUMN]
+    metrics = {**result.summary(),
+               "traffic_bytes": float(result.traffic.sum() * model.token_bytes),
+               **cost.summary(),
+               "tokens_per_s": cost.batch_tokens / time if time else float("inf")}
+    parameters = asdict(point)
     return {
-        **asdict(point),
+        **parameters,
         "status": record.status,
         "solve_time_s": record.solve_time,
         "slots_per_gpu": placement.slots_per_gpu,
         "expert_memory_per_gpu_bytes": (placement.slots_per_gpu * placement.num_layers
                                         * model.expert_weight_bytes),
-        **result.summary(),
-        "traffic_bytes": float(result.traffic.sum() * model.token_bytes),
-        **cost.summary(),
-        "tokens_per_s": cost.batch_tokens / time if time else float("inf"),
+        # The point's own parameters name it (the evaluator may describe them in words).
+        **{key: value for key, value in metrics.items() if key not in parameters},
     }
 
 
@@ -412,7 +416,7 @@ TABLE_COLUMNS = (
     ("slots_per_gpu", "slots/GPU", "{}"),
     ("expert_memory_per_gpu_bytes", "expert GB/GPU", "GB"),
     ("imbalance", "imbalance", "{:.3f}"), ("share_cross_node", "cross-node", "{:.1%}"),
-    (TIME_COLUMN, "MoE ms/batch", "ms"), ("speedup_vs_linear", "vs linear", "{:.3f}x"),
+    (TIME_COLUMN, TIME_LABEL, "ms"), ("speedup_vs_linear", "vs linear", "{:.3f}x"),
     ("status", "status", "{}"), ("solve_time_s", "solve s", "{:.2f}"),
 )
 
@@ -479,7 +483,7 @@ def pareto_png(rows: list[dict]) -> bytes:
         batching = panel[1] + ("" if panel[2] is None else f" C={panel[2]}")
         ax.set_title(f"{panel[0]} model, batching {batching}", fontsize=10)
         ax.set_xlabel("expert weights per GPU (GB)")
-        ax.set_ylabel("predicted MoE time per batch (ms)")
+        ax.set_ylabel(f"predicted {TIME_LABEL}")
         ax.grid(alpha=0.3)
         handles = ax.get_legend_handles_labels()[0]
         handles += [plt.Line2D([], [], color="grey", marker=markers[m], ls="", label=m)

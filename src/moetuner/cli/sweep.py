@@ -14,6 +14,7 @@ from moetuner.cli.options import Calibration, Drop, ModelName, Select
 from moetuner.errors import InputError
 from moetuner.sweep import (
     TIME_COLUMN,
+    TIME_LABEL,
     EvalOptions,
     SweepGrid,
     SweepInputs,
@@ -117,7 +118,7 @@ def sweep_command(
     start = time.perf_counter()
     result = run_sweep(sweep_inputs, sweep_grid, output, options.get("workers"),
                        options.get("ray"))
-    table = Table("G", "GPU", "exec", "batching", "N", "R", "method", "MoE ms/batch",
+    table = Table("G", "GPU", "exec", "batching", "N", "R", "method", TIME_LABEL,
                   "vs linear", title="Recommended configuration per GPU count")
     for row in recommend(result.rows):
         speedup = row["speedup_vs_linear"]
