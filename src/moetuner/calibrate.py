@@ -21,6 +21,7 @@ its efficiencies describe the CPU, not the GPU preset.
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,9 @@ from moetuner.errors import InputError
 from moetuner.models import ModelSpec
 
 DEFAULT_TOKENS = tuple(2 ** i for i in range(12))  # 1 .. 2048 tokens per expert
+# On a GPU, time enough experts that their weights overflow its L2 cache (50 MB on an H100)
+# several times, so weight reads come from HBM as in serving.
+GPU_WEIGHT_BYTES = 256e6
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,7 @@ def device_name(device: str) -> str:
 
 
 def calibrate(model: ModelSpec, gpu: str = "h100", device: str | None = None,
-              tokens_per_expert: Sequence[int] = DEFAULT_TOKENS, experts: int = 4,
+              tokens_per_expert: Sequence[int] = DEFAULT_TOKENS, experts: int | None = None,
               scale: float = 1.0, repeats: int = 5, dtype: str | None = None
               ) -> CostCoefficients:
     """Measure the expert FFN of ``model`` on ``device`` and fit the cost model's efficiencies.
@@ -220,7 +224,8 @@ def calibrate(model: ModelSpec, gpu: str = "h100", device: str | None = None,
         gpu: the GPU preset (``moetuner.cluster.GPUS``) whose peaks the efficiencies refer to.
         device: torch device; default ``cuda`` when available, else ``cpu``.
         tokens_per_expert: token counts the FFN is timed at.
-        experts: experts per grouped GEMM.
+        experts: experts per grouped GEMM; default 4 on CPU, and on GPU enough for
+            ``GPU_WEIGHT_BYTES`` of weights (at least 4).
         scale: factor on the hidden and intermediate sizes (small sizes for quick tests).
         repeats: timed runs per measurement (the median is kept).
         dtype: torch dtype name; default bfloat16 on GPU, float32 on CPU.
@@ -238,24 +243,27 @@ def calibrate(model: ModelSpec, gpu: str = "h100", device: str | None = None,
         raise InputError("--scale", "scale", "a factor in (0, 1]", scale)
     if not tokens_per_expert or min(tokens_per_expert) < 1:
         raise InputError("--tokens", "tokens", "positive token counts", list(tokens_per_expert))
-    if experts < 1 or repeats < 1:
+    if (experts is not None and experts < 1) or repeats < 1:
         raise InputError("--experts/--repeats", "count", "positive integers",
                          (experts, repeats))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    on_gpu = device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         raise InputError("--device", "device", "cpu (no CUDA device is visible)", device)
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = dtype or ("bfloat16" if on_gpu else "float32")
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise InputError("--dtype", "dtype", "a torch dtype name such as bfloat16", dtype)
     hidden = max(8, round(model.hidden_size * scale))
     intermediate = max(8, round(model.expert_intermediate_size * scale))
+    element_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    weight_bytes = 3 * hidden * intermediate * element_bytes
+    if experts is None:
+        experts = max(4, math.ceil(GPU_WEIGHT_BYTES / weight_bytes)) if on_gpu else 4
     ffn_seconds, read_seconds = time_expert_ffn(hidden, intermediate, tokens_per_expert,
                                                 experts, device, dtype, repeats)
-    element_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     fit = fit_coefficients(np.asarray(tokens_per_expert), ffn_seconds, read_seconds,
                            flops_per_token=2 * 3 * hidden * intermediate,
-                           weight_bytes=3 * hidden * intermediate * element_bytes, gpu=spec)
-    on_cpu = not device.startswith("cuda")
+                           weight_bytes=weight_bytes, gpu=spec)
     provenance = {
         "tool": "moetuner calibrate",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -279,7 +287,7 @@ def calibrate(model: ModelSpec, gpu: str = "h100", device: str | None = None,
         "note": (f"measured on the CPU ({device_name(device)}), not on a {spec.name}: the "
                  f"efficiencies are this CPU's achieved rates over the {spec.name} preset's "
                  "peaks, so predictions with them describe this CPU"
-                 if on_cpu else f"measured on {device_name(device)}"),
+                 if not on_gpu else f"measured on {device_name(device)}"),
     }
     return CostCoefficients(compute_efficiency=fit.compute_efficiency,
                             memory_efficiency=fit.memory_efficiency, provenance=provenance)

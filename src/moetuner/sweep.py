@@ -508,8 +508,10 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def _table(rows: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in TABLE_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(row, key, fmt))}</td>"
-                                    for key, _, fmt in TABLE_COLUMNS) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(
+        f"<td{' class=text' if isinstance(row.get(key), str) else ''}>"
+        f"{html.escape(_cell(row, key, fmt))}</td>" for key, _, fmt in TABLE_COLUMNS) + "</tr>"
+        for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -530,7 +532,8 @@ def sweep_html(rows: list[dict], skipped: list[dict], image: bytes, inputs: Swee
 body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }}
 table {{ border-collapse: collapse; font-size: 13px; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #bbb; padding: 3px 7px; text-align: right; }}
-th {{ background: #eee; }} img {{ max-width: 100%; }} .note {{ color: #a33; }}
+th {{ background: #eee; }} td.text {{ text-align: left; }} img {{ max-width: 100%; }}
+.note {{ color: #a33; }}
 </style></head><body>
 <h1>moetuner sweep</h1>
 <p>Placed from <code>{html.escape(inputs.profile)}</code>

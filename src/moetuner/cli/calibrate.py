@@ -33,7 +33,9 @@ def calibrate_command(
     tokens: Annotated[str, typer.Option(
         "--tokens", help="tokens per expert to time, comma-separated")] = ",".join(
         map(str, DEFAULT_TOKENS)),
-    experts: Annotated[int, typer.Option("--experts", help="experts per grouped GEMM")] = 4,
+    experts: Annotated[int | None, typer.Option(
+        "--experts", help="experts per grouped GEMM (default: 4 on CPU, 256 MB of weights on "
+        "GPU)")] = None,
     scale: Annotated[float, typer.Option(
         "--scale", help="factor on the preset's hidden and intermediate sizes (quick runs)")
                      ] = 1.0,
