@@ -49,9 +49,13 @@ def map_tasks(function: Callable[[Item], Result], items: Iterable[Item],
     elif workers == 1 or len(items) <= 1:
         yield from map(function, items)
     else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(items)), mp_context=context) as pool:
+        pool = ProcessPoolExecutor(min(workers, len(items)),
+                                   mp_context=multiprocessing.get_context("spawn"))
+        try:
             yield from pool.map(function, items)
+        finally:
+            # A caller that stops early (an error, Ctrl-C) does not wait for the rest.
+            pool.shutdown(cancel_futures=True)
 
 
 def _map_ray(function: Callable[[Item], Result], items: list[Item], workers: int,
@@ -67,11 +71,17 @@ def _map_ray(function: Callable[[Item], Result], items: list[Item], workers: int
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
+    refs: list[Any] = []
+    done = 0
     try:
         remote = ray.remote(num_cpus=1)(function)
-        refs: list[Any] = [remote.remote(item) for item in items]
+        refs = [remote.remote(item) for item in items]
         for ref in refs:
             yield ray.get(ref)
+            done += 1
     finally:
+        # A caller that stops early leaves no tasks running on a cluster it joined.
+        for ref in refs[done:]:
+            ray.cancel(ref)
         if started:
             ray.shutdown()

@@ -43,14 +43,11 @@ def redundant_values(text: str | None) -> list | None:
     return None if parts is None else [int(p) if p.isdigit() else p for p in parts]
 
 
-Csv = Annotated[str | None, typer.Option(help="comma-separated values")]
-
-
 @command("sweep")
 def sweep_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="output directory")],
     grid_file: Annotated[Path | None, typer.Argument(
-        help="sweep TOML ([inputs], [grid], [options]); flags override it")] = None,
+        help="sweep TOML file with tables inputs, grid and options; flags override it")] = None,
     profile: Annotated[Path | None, typer.Option(
         "--profile", help="trace or profile to place from")] = None,
     trace: Annotated[Path | None, typer.Option(
