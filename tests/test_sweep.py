@@ -245,7 +245,9 @@ def test_a_killed_sweep_process_resumes(inputs, tmp_path):
         process.kill()
         process.wait()
     written = {path: path.read_bytes() for path in out.glob("points/*.json")}
-    assert len(written) >= 2 and not (out / "sweep.csv").exists()
+    assert len(written) >= 2
+    if process.returncode < 0:  # killed mid-sweep (not finished before the poll saw it)
+        assert not (out / "sweep.csv").exists() and len(written) < 18
     resumed = run_sweep(inputs, grid, out, workers=1)
     assert (resumed.reused, resumed.computed) == (len(written), len(resumed.rows) - len(written))
     assert all(path.read_bytes() == data for path, data in written.items())
