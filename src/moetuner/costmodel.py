@@ -63,6 +63,8 @@ class CostCoefficients:
         inter_bandwidth: bytes/s per GPU per direction across nodes, or None.
         intra_latency: seconds per exchange inside a node, or None.
         inter_latency: seconds per exchange across nodes, or None.
+        provenance: where measured figures come from (``moetuner calibrate`` writes date,
+            device, torch version and sizes here), or None; not used by the model.
     """
 
     tokens_per_gpu_batch: float = 256.0
@@ -75,10 +77,16 @@ class CostCoefficients:
     inter_bandwidth: float | None = None
     intra_latency: float | None = None
     inter_latency: float | None = None
+    provenance: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.provenance is not None and not isinstance(self.provenance, dict):
+            raise InputError("calibration", "provenance", "a JSON object or null",
+                             type(self.provenance).__name__)
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "provenance":
+                continue
             if value is None and f.default is None:
                 continue
             if not isinstance(value, int | float) or not np.isfinite(value) or value < 0 or (

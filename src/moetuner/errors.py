@@ -22,3 +22,7 @@ class InputError(ValueError):
         if got is not None:
             message += f", got {got}"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        # Picklable, so an error raised in a worker process (sweep, map_tasks) reaches the CLI.
+        return type(self), (self.source, self.field, self.expected, self.got)

@@ -60,6 +60,7 @@ def main() -> None:
 
 # Command modules register themselves on ``app`` when imported.
 from moetuner.cli import (  # noqa: E402,F401
+    calibrate,
     collect,
     evaluate,
     export,
@@ -67,5 +68,6 @@ from moetuner.cli import (  # noqa: E402,F401
     place,
     profile,
     report,
+    sweep,
     synth,
 )
