@@ -32,17 +32,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moetuner.cluster import Cluster
+from moetuner.counts import Exchange, Replay
 from moetuner.errors import InputError
 from moetuner.io import read_json, write_json
 from moetuner.models import ModelSpec
-
-if TYPE_CHECKING:
-    from moetuner.evaluate import Exchange, Replay
 
 MODEL_NOTE = ("predicted by moetuner's cost model (a model, not a measurement; assumptions in "
               "moetuner/costmodel.py)")
