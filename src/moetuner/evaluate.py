@@ -1,8 +1,17 @@
-"""Replay a routing trace through a placement: per-GPU load and token traffic, layer by layer.
+"""Replay a routing trace through a placement, engine step by engine step: per-GPU load and
+token traffic, layer by layer, and the predicted MoE time of every step.
 
-The replay is pure numpy over the trace's ``topk_ids [T, L, k]``: one vectorised pass per
-MoE layer (no Python loop over tokens). ``replay`` returns the counts, ``predict`` (in
-``moetuner.costmodel``) turns them into predicted time, ``evaluate`` does both.
+Engines run steps (``moetuner.steps``: continuous-batching decode, prefill chunks), and a
+layer of a step waits for that step's busiest GPU. ``evaluate`` / ``replay_steps`` count
+everything per step (loads, active slots, dispatch and combine messages, DeepEP node
+messages) and apply the cost model to each step's own counts (``gpu_compute_time``,
+``exchange_time``): step time = sum over layers of dispatch + slowest GPU's compute +
+combine (``moetuner.counts.StepTimes``: mean, p50, p99, tokens/s, ``step_imbalance``).
+``batching="none"`` keeps the whole-trace average (``costmodel.predict``). ``replay``
+returns the counts summed over all tokens. The replay is vectorised numpy over chunks of
+whole steps (``Steps.chunks``), one pass per MoE layer; memory holds a chunk's per-token
+arrays, per-(step, layer) scalars and ``[L, G]`` / ``[L, G, G]`` totals.
+``evaluate_online`` replays with online rebalancing (``moetuner.online``).
 
 Replica choice, per (token t, layer l, chosen expert e) with the replicas of e listed in
 ascending slot order (``Placement.log2phy``):
@@ -12,21 +21,23 @@ ascending slot order (``Placement.log2phy``):
   else those on its current node, else all replicas; among that tier, number
   ``t mod size(tier)``.
 
-Every token t has a home GPU ``t mod G`` (data-parallel attention spreads tokens evenly); a
-caller may pass other homes. Execution models (section 4 of the brief):
+Every token has a home GPU: its step's (``Steps.home``: in decode, its running sequence's
+rank); without steps ``t mod G`` (data-parallel attention spreads tokens evenly) or what the
+caller passes. Execution models (section 4 of the brief):
 
 - ``return``: in every layer the token leaves from its home GPU h. Dispatch sends its
   activation once to each distinct GPU holding one of its k chosen replicas, other than h;
   combine sends one result back to h from each of those GPUs. Two exchanges per layer.
-- ``follow``: before layer 0 the token sits on its home GPU. In layer l it sits on GPU c
-  (home for l = 0, else the GPU of its primary expert's replica in layer l - 1). Dispatch
-  sends its activation from c once to each distinct GPU of its k chosen replicas, other than
-  c. The results are combined on p, the GPU of the replica of its primary (first) expert:
-  each distinct expert GPU other than p sends one partial result to p. The token then sits
-  on p for layer l + 1. A layer costs one dispatch exchange plus a combine exchange that
-  carries only the partial results of the k - 1 non-primary experts (none when k = 1 or
-  when they ran on p), so with top-1 routing a layer is exactly one exchange. After the last
-  layer the token stays on p (the return home for the next step is not counted).
+- ``follow``: at the start of its step (layer 0) the token sits on its home GPU; its
+  current GPU then carries across the layers of the step. In layer l it sits on GPU c.
+  Dispatch sends its activation from c once to each distinct GPU of its k chosen replicas,
+  other than c. The results are combined on p (``moetuner.steps.combine_gpu``): the GPU of
+  the replica of its primary expert when the trace is ordered (``Trace.ordered``: column 0
+  after sorting by weight), else the GPU holding most of its k experts (ties: c, then the
+  lowest id), so an unordered trace's column order changes nothing. Each distinct expert
+  GPU other than p sends one partial result to p; the token then sits on p for layer
+  l + 1. With top-1 routing a layer is exactly one exchange. After the last layer the token
+  stays on p (the return home for the next step is not counted).
 
 Across nodes, traffic is also counted as DeepEP sends it: one message per token and distinct
 remote destination node (not per GPU), sent by the source GPU and received by the GPU of the
