@@ -10,8 +10,8 @@ filled by p mod E as vLLM does), static eplb, online eplb starting from linear (
 window 1000 / interval 3000 steps, and a short schedule scaled to the trace: interval S / 8,
 window a third of it), moetuner and joint (each optimised for the execution model it is
 evaluated under, ``--time-limit`` seconds). Steps: decode with C = 64 G, 128 G and 256 G
-running sequences, and ``none`` (the whole-trace average). MoE times come from moetuner's
-cost model: a model, not a measurement.
+running sequences, prefill chunks of 8192 tokens, and ``none`` (the whole-trace average).
+MoE times come from moetuner's cost model: a model, not a measurement.
 
 Replay speed: CPU seconds of one decode replay (C = 128 G) of the whole GPT-OSS trace.
 Memory: peak RSS (VmHWM, reset once the trace is built) of a fresh process replaying a
@@ -45,9 +45,10 @@ CONCURRENCY_PER_GPU = (64, 128, 256)
 SHORT_ONLINE = "online eplb (interval S/8)"
 
 
-def batchings(num_gpus: int) -> list[tuple[str, int | None]]:
-    """(label, concurrency) of every step formation compared; None = batching none."""
-    return [(f"decode C={c}G", c * num_gpus) for c in CONCURRENCY_PER_GPU] + [("none", None)]
+def batchings(num_gpus: int) -> list[tuple[str, str, int | None]]:
+    """(label, batching, concurrency) of every step formation compared."""
+    return ([(f"decode C={c}G", "decode", c * num_gpus) for c in CONCURRENCY_PER_GPU]
+            + [("prefill 8192", "prefill", None), ("none", "none", None)])
 
 
 def static_placements(train: Profile, cluster, redundant: int, exec_model: str,
@@ -71,12 +72,12 @@ def step_table(test: Trace, cluster, model: ModelSpec, placements: dict, exec_mo
     """method -> batching -> (mean, p99 step seconds, amortised move seconds per step)."""
     G = cluster.num_gpus
     table: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for label, concurrency in batchings(G):
-        steps = None if concurrency is None else make_steps(
-            test.seq_lens, test.num_tokens, G, "decode", concurrency)
+    for label, batching, concurrency in batchings(G):
+        steps = None if batching == "none" else make_steps(
+            test.seq_lens, test.num_tokens, G, batching, concurrency)
         for name, placement in placements.items():
             _, times = evaluate(placement, test, cluster, model, exec_model, policy,
-                                steps=steps, batching="decode" if steps else "none")
+                                steps=steps, batching=batching)
             table.setdefault(name, {})[label] = (times.mean_step_time,
                                                  times.step_time_percentile(99), 0.0)
         if steps is None:
@@ -123,7 +124,7 @@ def compare_methods(trace: Trace, args: argparse.Namespace) -> None:
         train = profile_trace(train_trace)
         for G in (8, 16):
             cluster = make_cluster(G, 2, "h100")
-            labels = [label for label, _ in batchings(G)]
+            labels = [label for label, *_ in batchings(G)]
             for redundant in (0, G):
                 for exec_model in EXEC_MODELS:
                     start = time.perf_counter()
