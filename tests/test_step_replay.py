@@ -305,3 +305,7 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     assert "--gpus" in capsys.readouterr().err
     assert run(base + ["--batching", "steps"]) == 2
     assert run(base + ["--online", "eplb", "--interval", "0"]) == 2
+    assert run(base + ["--online", "nope"]) == 2
+    capsys.readouterr()
+    assert run(["info", str(SLICE)]) == 0
+    assert "top-k ordered" in capsys.readouterr().out

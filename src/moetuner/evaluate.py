@@ -569,8 +569,8 @@ def compare(
     ``linear`` without redundant experts (``linear_reference`` of the first placement) is added
     as the reference unless a placement is already named so. Steps as in ``evaluate``. With
     ``online``, every placement is also replayed online from its map (row ``NAME +
-    online METHOD``, with the moves beside); under ``batching = "none"`` there is one step,
-    so nothing is rebalanced.
+    online METHOD``, with the moves beside), except under ``batching = "none"`` (a single
+    averaged batch: nothing to rebalance).
 
     Returns:
         rows: one dict of metrics per (execution model, placement), in that order.

@@ -31,7 +31,7 @@ import numpy as np
 from moetuner.cluster import Cluster
 from moetuner.costmodel import CostCoefficients
 from moetuner.errors import InputError
-from moetuner.methods import PlaceOptions, place
+from moetuner.methods import PlaceOptions, methods, place
 from moetuner.models import ModelSpec
 from moetuner.profile import Profile
 from moetuner.steps import Steps
@@ -73,6 +73,8 @@ def method_rebalancer(method: str, cluster: Cluster, options: PlaceOptions | Non
     """A ``Rebalance`` that re-places with a registered method from the window's loads
     (keeping the old map's slot count; the old map itself is not used)."""
     options = options or PlaceOptions()
+    if method not in methods():
+        raise InputError("--online", "method", f"one of {', '.join(methods())}", repr(method))
 
     def rebalance(window_load: np.ndarray, old_phy2log: np.ndarray) -> np.ndarray:
         redundant = old_phy2log.shape[1] - window_load.shape[1]
