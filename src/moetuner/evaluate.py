@@ -201,13 +201,15 @@ def _replay(
                          f"{cluster.num_gpus} GPUs", f"{steps.num_tokens} on {steps.num_gpus}")
     G, L, P = cluster.num_gpus, trace.num_layers, placement.num_slots
     totals = _Totals(L, G, P)
+    tables = (None if placement.log2phy.shape[2] == 1
+              else _replica_tables(placement, cluster.node_of_gpu, replica_policy))
     per_step: list[np.ndarray] = []
     for lo, hi in steps.chunks(CHUNK_TOKENS):
         begin, end = steps.bounds[lo], steps.bounds[hi]
         token = steps.order[begin:end]
         step = np.repeat(np.arange(hi - lo), np.diff(steps.bounds[lo:hi + 1]))
         times = _replay_chunk(placement, trace, cluster, token, step, hi - lo,
-                              steps.home[begin:end], exec_model, replica_policy, totals, cost)
+                              steps.home[begin:end], exec_model, tables, totals, cost)
         if cost is not None:
             per_step.append(times)
     result = totals.replay(exec_model, replica_policy, steps.num_tokens, cluster.node_of_gpu,
@@ -252,7 +254,7 @@ def _replay_chunk(
     num_steps: int,
     home: np.ndarray,
     exec_model: str,
-    replica_policy: str,
+    tables: tuple[np.ndarray, np.ndarray] | None,
     totals: _Totals,
     cost: _StepCost | None,
 ) -> np.ndarray | None:
@@ -262,6 +264,7 @@ def _replay_chunk(
         token: int ``[n]`` trace indices of the chunk's tokens.
         step: int ``[n]`` step of each token within the chunk, in ``[0, num_steps)``.
         home: int ``[n]`` home GPU of each token.
+        tables: ``_replica_tables``, or None when no expert has replicas.
         totals: accumulates the chunk's counts.
 
     Returns:
@@ -271,15 +274,18 @@ def _replay_chunk(
     G, L, n = cluster.num_gpus, trace.num_layers, token.shape[0]
     node_of_gpu = cluster.node_of_gpu
     slots_per_gpu, P = placement.slots_per_gpu, placement.num_slots
-    log2phy, logcnt = placement.log2phy, placement.logcnt
+    log2phy = placement.log2phy
     ids_chunk = trace.topk_ids[token]                                     # [n, L, k]
     rows = np.arange(n)
     times = None if cost is None else np.zeros((5, num_steps, L))
     current = home
     for layer in range(L):
         ids = ids_chunk[:, layer, :].astype(np.int64)                     # [n, k]
-        slot = _choose_replicas(ids, token, current, log2phy[layer], logcnt[layer],
-                                slots_per_gpu, node_of_gpu, replica_policy)
+        if tables is None:
+            slot = log2phy[layer, ids, 0]
+        else:
+            where = (ids, current[:, None])
+            slot = tables[0][layer][(*where, token[:, None] % tables[1][layer][where])]
         gpu = slot // slots_per_gpu                                       # [n, k]
         totals.load[layer] += np.bincount(gpu.ravel(), minlength=G)
         totals.used_slots[layer] |= np.bincount(slot.ravel(), minlength=P) > 0
@@ -332,52 +338,33 @@ def _active_slots(step: np.ndarray, slot: np.ndarray, num_steps: int, num_slots:
     return np.bincount(used // slots_per_gpu, minlength=num_steps * G).reshape(num_steps, G)
 
 
-def _choose_replicas(
-    ids: np.ndarray,
-    token: np.ndarray,
-    current: np.ndarray,
-    log2phy: np.ndarray,
-    logcnt: np.ndarray,
-    slots_per_gpu: int,
-    node_of_gpu: np.ndarray,
-    policy: str,
-) -> np.ndarray:
-    """Physical slot serving each chosen expert of one layer.
-
-    Args:
-        ids: int ``[T, k]`` chosen experts.
-        token: int ``[T]`` token indices (the hash of ``even`` and the spread of ``nearest``).
-        current: int ``[T]`` GPU each token sits on.
-        log2phy: int ``[E, X]`` slots of each expert, ascending, padded with -1.
-        logcnt: int ``[E]`` replicas of each expert.
+def _replica_tables(placement: Placement, node_of_gpu: np.ndarray, policy: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The replica choice as a lookup: the tier of replicas an expert's token on a GPU picks
+    from (module docstring), for every (layer, expert, current GPU).
 
     Returns:
-        int ``[T, k]`` chosen slots.
+        members: int ``[L, E, G, X]`` the tier's slots in ascending order, padded.
+        size: int ``[L, E, G]`` slots in the tier; a token t takes ``members[..., t mod
+        size]``.
     """
-    slot = log2phy[ids, 0]
-    multi = logcnt[ids] > 1                                              # [T, k]
-    if not multi.any():
-        return slot
-    # Only experts with replicas need a choice: work on those (token, expert) pairs alone.
-    experts = ids[multi]                                                 # [M]
-    tokens = np.broadcast_to(token[:, None], ids.shape)[multi]
+    log2phy = placement.log2phy                                            # [L, E, X]
+    G = placement.num_gpus
+    valid = (log2phy >= 0)[:, :, None, :]                                  # [L, E, 1, X]
     if policy == "even":
-        # The replicas are the first logcnt entries of log2phy: take number t mod logcnt.
-        slot[multi] = log2phy[experts, tokens % logcnt[experts]]
-        return slot
-    candidates = log2phy[experts]                                        # [M, X]
-    valid = candidates >= 0
-    here = np.broadcast_to(current[:, None], ids.shape)[multi][:, None]
-    cand_gpu = np.where(valid, candidates // slots_per_gpu, 0)
-    on_gpu = valid & (cand_gpu == here)
-    on_node = valid & (node_of_gpu[cand_gpu] == node_of_gpu[here])
-    tier = np.where(on_gpu.any(axis=1, keepdims=True), on_gpu,
-                    np.where(on_node.any(axis=1, keepdims=True), on_node, valid))
-    rank = tokens % tier.sum(axis=1)                                     # [M]
-    # The rank-th member of the tier, in ascending slot order.
-    pick = tier & (np.cumsum(tier, axis=1) - 1 == rank[:, None])
-    slot[multi] = candidates[np.arange(len(experts)), pick.argmax(axis=1)]
-    return slot
+        tier = np.broadcast_to(valid, (*log2phy.shape[:2], G, log2phy.shape[2]))
+    else:
+        slot_gpu = (np.where(log2phy >= 0, log2phy, 0) // placement.slots_per_gpu)[:, :, None]
+        here = np.arange(G)[None, None, :, None]
+        on_gpu = valid & (slot_gpu == here)
+        on_node = valid & (node_of_gpu[slot_gpu] == node_of_gpu[here])
+        tier = np.where(on_gpu.any(axis=3, keepdims=True), on_gpu,
+                        np.where(on_node.any(axis=3, keepdims=True), on_node, valid))
+    # Members first, keeping ascending slot order (a stable sort of "not a member").
+    order = np.argsort(~tier, axis=3, kind="stable")
+    members = np.take_along_axis(np.broadcast_to(log2phy[:, :, None, :], tier.shape), order,
+                                 axis=3)
+    return members, tier.sum(axis=3)
 
 
 def _scatter(
