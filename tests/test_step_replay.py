@@ -309,3 +309,38 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     capsys.readouterr()
     assert run(["info", str(SLICE)]) == 0
     assert "top-k ordered" in capsys.readouterr().out
+
+
+# MoE seconds per batch, traffic tokens and node messages printed by the evaluator before
+# per-step replay (commit c9e0275) for golden_instance(), per (exec model, replica policy).
+BEFORE_STEPS = {("return", "even"): (6.0374508895522397e-05, 3098, 1596),
+                ("return", "nearest"): (6.034538178441128e-05, 3022, 1502),
+                ("follow", "even"): (6.035463571033721e-05, 2865, 1493),
+                ("follow", "nearest"): (6.035000874737424e-05, 2843, 1467)}
+
+
+def golden_instance():
+    """300 ordered tokens, 3 layers, E = 12, top-3; 4 GPUs on 2 nodes, 4 slots each: three
+    experts and a replica of the next GPU's first."""
+    rng = np.random.default_rng(11)
+    ids = np.argsort(rng.random((300, 3, 12)), axis=2)[:, :, :3]
+    weights = np.sort(rng.random(ids.shape), axis=2)[:, :, ::-1].copy()
+    trace = Trace(topk_ids=ids, num_experts=12, topk_weights=weights)
+
+    def layer_row(perm):
+        return np.concatenate([np.append(perm[3 * g:3 * g + 3], perm[(3 * g + 3) % 12])
+                               for g in range(4)])
+
+    phy2log = np.stack([layer_row(rng.permutation(12)) for _ in range(3)])
+    model = ModelSpec("g", "none", 3, (), 12, 3, hidden_size=64, expert_intermediate_size=32)
+    return trace, Placement(phy2log, 4, 12), model
+
+
+@pytest.mark.parametrize(("exec_model", "policy"), list(BEFORE_STEPS))
+def test_batching_none_reproduces_the_numbers_from_before_steps(exec_model, policy):
+    trace, placement, model = golden_instance()
+    result, times = evaluate(placement, trace, make_cluster(4, 2), model, exec_model, policy,
+                             CostCoefficients(tokens_per_gpu_batch=16), batching="none")
+    summary = result.summary()
+    assert (times.total, summary["traffic_tokens"], summary["node_messages"]) == \
+        BEFORE_STEPS[exec_model, policy]
