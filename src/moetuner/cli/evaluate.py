@@ -153,19 +153,19 @@ def comparison_table(rows: list[dict]) -> Table:
     table = Table(title="MoE layers on the held-out trace")
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
-    for column in ("slots", "imbalance", "step imb.", "x-GPU", "x-node", "ms/step",
-                   "p99 ms", "tokens/s", "speedup", "moved", "move ms/step"):
+    online = any("experts_moved" in row for row in rows)
+    for column in ("slots", "imbalance", "step imb.", "x-GPU", "x-node", "ms/step", "p99 ms",
+                   "tokens/s", "speedup") + (("moved", "move ms/step") if online else ()):
         table.add_column(column, justify="right")
     for row in rows:
-        online = "experts_moved" in row
+        moves = ([str(row["experts_moved"]), f"{row['move_time_per_step_s'] * 1e3:.4f}"]
+                 if "experts_moved" in row else ["", ""])
         table.add_row(row["placement"], row["exec_model"], str(row["slots_per_gpu"]),
                       f"{row['imbalance']:.3f}", f"{row['step_imbalance']:.3f}",
                       f"{row['share_cross_gpu']:.1%}", f"{row['share_cross_node']:.1%}",
                       f"{row['mean_step_time_s'] * 1e3:.3f}",
                       f"{row['p99_step_time_s'] * 1e3:.3f}", f"{row['tokens_per_s']:.4g}",
-                      f"{row['speedup_vs_linear']:.3f}x",
-                      str(row["experts_moved"]) if online else "",
-                      f"{row['move_time_per_step_s'] * 1e3:.4f}" if online else "")
+                      f"{row['speedup_vs_linear']:.3f}x", *(moves if online else []))
     table.caption = ("imbalance: max/mean GPU load of the whole trace; step imb.: per step "
                      "(sum of busiest / sum of mean GPU load); x-GPU, x-node: share of token "
                      "moves leaving the GPU, the node; ms/step: predicted MoE layers per step, "
@@ -209,7 +209,7 @@ def evaluate_command(
         print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
         return
     # Wide enough for the table when the output is not a terminal (rich assumes 80 columns).
-    Console(width=max(console.width, 120)).print(comparison_table(rows))
+    Console(width=max(console.width, 160)).print(comparison_table(rows))
     console.print(f"{inputs.trace.num_tokens} tokens of {inputs.trace.source} "
                   f"({inputs.trace.selection}); {inputs.model.name} on "
                   f"{inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} in "
