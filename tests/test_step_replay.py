@@ -17,11 +17,12 @@ from conftest import SLICE
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
 from moetuner.costmodel import CostCoefficients, exchange_time, gpu_compute_time
+from moetuner.errors import InputError
 from moetuner.evaluate import compare, evaluate, evaluate_online, replay, replay_steps
-from moetuner.export import to_megatron, to_vllm
+from moetuner.export import to_megatron, to_vllm, write_engine_files
 from moetuner.methods import PlaceOptions, place
 from moetuner.models import ModelSpec
-from moetuner.online import OnlinePolicy, move_cost, window_load
+from moetuner.online import OnlinePolicy, move_cost, online_policy, window_load
 from moetuner.placement import Placement
 from moetuner.profile import profile_trace
 from moetuner.steps import make_steps
@@ -250,6 +251,16 @@ def test_online_switches_maps_every_interval_and_counts_moves():
     np.testing.assert_array_equal(times.step_time[5:10], middle.step_time)
 
 
+def test_online_presets_are_the_engines_defaults():
+    cluster = make_cluster(2, 1)
+    vllm = online_policy("eplb", cluster)
+    sglang = online_policy("eplb", cluster, "sglang", interval=50)
+    assert (vllm.window, vllm.interval, vllm.name) == (1000, 3000, "online eplb")
+    assert (sglang.window, sglang.interval) == (1000, 50)
+    with pytest.raises(InputError, match="preset"):
+        online_policy("eplb", cluster, "trtllm")
+
+
 def test_move_cost_charges_the_link_a_copy_crosses():
     model = ModelSpec("m", "none", 1, (), 4, 1, hidden_size=10, expert_intermediate_size=10)
     c = CostCoefficients(intra_bandwidth=100, inter_bandwidth=10, network_efficiency=1)
@@ -277,6 +288,8 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
         p.save(tmp_path / name)
     (tmp_path / "vllm.json").write_text(json.dumps(to_vllm(placement)))
     np.save(tmp_path / "megatron.npy", to_megatron(plain))
+    write_engine_files(placement, "sglang", tmp_path / "sglang.json")
+    write_engine_files(placement, "vllm-ascend", tmp_path / "ascend.json")
     base = ["evaluate", str(tmp_path / "eplb.json"), "--trace", str(SLICE), "--drop",
             "seq_repetition", "--nodes", "2", "--json"]
     assert run(base + ["--online", "eplb", "--window", "64", "--interval", "128",
@@ -291,16 +304,15 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     assert run(base + ["--batching", "none", "--exec", "return"]) == 0
     none = json.loads(capsys.readouterr().out)["rows"]
     assert {row["steps"] for row in none} == {1}
-    assert run(base[:2] + [str(tmp_path / "vllm.json"), str(tmp_path / "megatron.npy")]
+    assert run(base[:2] + [str(tmp_path / name) for name in
+                           ("vllm.json", "megatron.npy", "sglang.json", "ascend.json")]
                + base[2:] + ["--gpus", "4", "--batching", "prefill", "--step-tokens",
-                             "1024"]) == 0
+                             "1024", "--exec", "follow"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    by_name = {(row["placement"], row["exec_model"]): row for row in rows}
-    for exec_model in ("return", "follow"):
-        assert by_name["vllm", exec_model]["mean_step_time_s"] == pytest.approx(
-            by_name["eplb", exec_model]["mean_step_time_s"])
-        assert by_name["megatron", exec_model]["mean_step_time_s"] == pytest.approx(
-            by_name["linear", exec_model]["mean_step_time_s"])
+    time = {row["placement"]: row["mean_step_time_s"] for row in rows}
+    for name in ("vllm", "sglang", "ascend"):
+        assert time[name] == pytest.approx(time["eplb"])
+    assert time["megatron"] == pytest.approx(time["linear"])
     assert run(base[:2] + [str(tmp_path / "vllm.json")] + base[2:]) == 2
     assert "--gpus" in capsys.readouterr().err
     assert run(base + ["--batching", "steps"]) == 2
