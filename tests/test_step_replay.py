@@ -356,3 +356,25 @@ def test_batching_none_reproduces_the_numbers_from_before_steps(exec_model, poli
     summary = result.summary()
     assert (times.total, summary["traffic_tokens"], summary["node_messages"]) == \
         BEFORE_STEPS[exec_model, policy]
+
+
+@pytest.mark.parametrize("exec_model", ["return", "follow"])
+def test_chunking_the_steps_changes_nothing(monkeypatch, exec_model):
+    import moetuner.evaluate as evaluate_module
+
+    rng = np.random.default_rng(2)
+    ids = np.argsort(rng.random((200, 3, 8)), axis=2)[:, :, :2]
+    trace = Trace(topk_ids=ids, num_experts=8, seq_lens=rng.multinomial(200, [0.05] * 20))
+    placement = Placement(np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 5, 2, 7]] * 3), 4, 8)
+    cluster, model = make_cluster(4, 2), toy_model(trace)
+    steps = make_steps(trace.seq_lens, trace.num_tokens, 4, "decode", concurrency=6)
+    whole, times = replay_steps(placement, trace, cluster, model, steps, exec_model,
+                                "nearest", COEFFICIENTS)
+    for chunk in (1, 7, 50):
+        monkeypatch.setattr(evaluate_module, "CHUNK_TOKENS", chunk)
+        part, part_times = replay_steps(placement, trace, cluster, model, steps, exec_model,
+                                        "nearest", COEFFICIENTS)
+        assert part.summary() == whole.summary()
+        np.testing.assert_array_equal(part.active_experts, whole.active_experts)
+        np.testing.assert_array_equal(part.traffic, whole.traffic)
+        np.testing.assert_array_equal(part_times.step_time, times.step_time)

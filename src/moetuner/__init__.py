@@ -10,7 +10,7 @@ from moetuner.costmodel import CostBreakdown, CostCoefficients, load_coefficient
 from moetuner.counts import Replay, StepTimes
 from moetuner.eplb import rebalance_experts
 from moetuner.errors import InputError
-from moetuner.evaluate import compare, evaluate, evaluate_online, replay, replay_steps
+from moetuner.evaluate import compare, evaluate_online, replay, replay_steps
 from moetuner.export import FORMATS, LayerAxis, write_engine_files
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, SolveRecord, methods, place
@@ -24,7 +24,7 @@ from moetuner.trace import Trace, load_trace
 __all__ = [
     "FORMATS", "Cluster", "CostBreakdown", "CostCoefficients", "GPUSpec", "InputError",
     "LayerAxis", "ModelSpec", "PlaceOptions", "Placement", "Profile", "Replay", "SolveRecord",
-    "StepTimes", "SynthFit", "Trace", "OnlinePolicy", "evaluate", "evaluate_online",
+    "StepTimes", "SynthFit", "Trace", "OnlinePolicy", "evaluate_online",
     "online_policy", "replay_steps", "collect_trace", "compare", "get_model", "is_synthetic",
     "load_coefficients", "load_placement", "load_profile", "load_trace", "make_cluster",
     "methods", "place", "predict", "profile_trace", "profiles_by_label", "read_profile",
