@@ -25,8 +25,13 @@ HAND_IDS = [[[0, 2], [3, 1], [2, 3]],
 TOY = ModelSpec("toy", "none", 3, (), 4, 2, hidden_size=8, expert_intermediate_size=4)
 
 
-def make_trace(ids, num_experts: int = 4) -> Trace:
-    return Trace(topk_ids=np.asarray(ids, dtype=np.int64), num_experts=num_experts)
+def make_trace(ids, num_experts: int = 4, ordered: bool = True) -> Trace:
+    """A trace of ``ids``; ordered ones get weights falling with the column (column 0 is
+    the primary expert), unordered ones none."""
+    ids = np.asarray(ids, dtype=np.int64)
+    weights = np.broadcast_to(np.arange(ids.shape[2], 0, -1, dtype=np.float32), ids.shape)
+    return Trace(topk_ids=ids, num_experts=num_experts,
+                 topk_weights=weights.copy() if ordered else None)
 
 
 def linear(num_layers: int = 3, num_experts: int = 4, num_gpus: int = 2) -> Placement:
@@ -263,21 +268,26 @@ def hand_coefficients(**overrides) -> CostCoefficients:
 
 
 def test_cost_model_hand_count():
+    # batching none: today's whole-trace numbers, one step of the cost model's batch.
     trace = make_trace(HAND_IDS)
     _, one_node = evaluate(linear(), trace, make_cluster(2, 1), TOY, "return", "even",
-                           hand_coefficients())
-    np.testing.assert_allclose(one_node.compute, [3, 2, 2])
-    np.testing.assert_allclose(one_node.dispatch, [1.5, 1.5, 1.5])
-    np.testing.assert_allclose(one_node.combine, [1.5, 1.5, 1.5])
-    assert one_node.total == pytest.approx(16)
+                           hand_coefficients(), batching="none")
+    np.testing.assert_allclose(one_node.compute, [[3, 2, 2]])
+    np.testing.assert_allclose(one_node.dispatch, [[1.5, 1.5, 1.5]])
+    np.testing.assert_allclose(one_node.combine, [[1.5, 1.5, 1.5]])
+    assert one_node.total == pytest.approx(16) and one_node.mean_step_time == pytest.approx(16)
+    assert one_node.tokens_per_s == pytest.approx(2 / 16)
+    assert one_node.step_imbalance == pytest.approx(7 / 6)
     _, two_nodes = evaluate(linear(), trace, make_cluster(2, 2), TOY, "follow", "even",
-                            hand_coefficients())
-    np.testing.assert_allclose(two_nodes.dispatch, [3, 3, 0])
-    np.testing.assert_allclose(two_nodes.combine, [3, 3, 0])
+                            hand_coefficients(), batching="none")
+    np.testing.assert_allclose(two_nodes.dispatch, [[3, 3, 0]])
+    np.testing.assert_allclose(two_nodes.combine, [[3, 3, 0]])
     # Weight reads dominate when memory is slow: layer 0, GPU 1 reads 2 experts x 192 bytes.
-    _, slow = evaluate(linear(), trace, make_cluster(2, 1), TOY, "return", "even",
-                       hand_coefficients(memory_bandwidth=38.4))
-    np.testing.assert_allclose(slow.compute_per_gpu[0], [5, 10])
+    result, slow = evaluate(linear(), trace, make_cluster(2, 1), TOY, "return", "even",
+                            hand_coefficients(memory_bandwidth=38.4), batching="none")
+    breakdown = predict(result, TOY, make_cluster(2, 1), hand_coefficients(memory_bandwidth=38.4))
+    np.testing.assert_allclose(breakdown.compute_per_gpu[0], [5, 10])
+    np.testing.assert_allclose(slow.compute[0], breakdown.compute)
 
 
 def test_coefficients_round_trip_and_bad_input(tmp_path):
@@ -321,7 +331,8 @@ def test_compare_adds_linear_and_speedups():
                             ("swapped", "follow")}
     assert rows[0]["speedup_vs_linear"] == 1.0
     assert rows[0]["traffic_tokens"] == 10 and rows[0]["traffic_bytes"] == 160
-    assert rows[1]["speedup_vs_linear"] == pytest.approx(16 / rows[1]["moe_time_per_batch_s"])
+    assert rows[1]["speedup_vs_linear"] == pytest.approx(rows[0]["mean_step_time_s"]
+                                                         / rows[1]["mean_step_time_s"])
 
 
 def test_linear_reference_has_no_redundant_experts():
@@ -341,7 +352,8 @@ def test_follow_with_top1_is_one_exchange_per_layer():
     rng = np.random.default_rng(1)
     trace = make_trace(rng.integers(0, 8, (50, 4, 1)), num_experts=8)
     model = ModelSpec("top1", "none", 4, (), 8, 1, 8, 4)
-    result, cost = evaluate(linear(4, 8, 4), trace, make_cluster(4, 2), model, "follow")
+    result, cost = evaluate(linear(4, 8, 4), trace, make_cluster(4, 2), model, "follow",
+                            batching="none")
     assert result.dispatch.tokens.sum() > 0
     assert result.combine.tokens.sum() == 0 and result.combine.node_sent.sum() == 0
     assert (cost.combine == 0).all() and (cost.dispatch > 0).all()

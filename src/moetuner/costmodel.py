@@ -6,14 +6,18 @@ can replace the defaults.
 
 Assumptions:
 
-1. The trace is served in batches of ``tokens_per_gpu_batch x G`` tokens; each batch sees the
-   trace's average routing, i.e. every count of the replay is divided by the number of
-   batches. The imbalance of a single small batch (above the average) is not modelled.
+1. Steps. Per engine step (``moetuner.evaluate.replay_steps``) every count is the step's
+   own (no scaling): compute and exchanges below use that step's pairs, active slots and
+   messages. ``predict`` is the whole-trace average (``--batching none``): the trace is
+   served in batches of ``tokens_per_gpu_batch x G`` tokens, each seeing the trace's
+   average routing (every count divided by the number of batches), which hides the
+   imbalance of single steps.
 2. Expert compute on a GPU takes the larger of (a) FLOPs: token-expert pairs x 2 x 3 x hidden
    x intermediate (gate, up and down projections) over ``peak_flops x compute_efficiency``
    and (b) weight reads: each active expert's weights once per batch, over
-   ``memory_bandwidth x memory_efficiency``. A slot that received tokens anywhere in the
-   trace counts as active, capped by the GPU's token-expert pairs per batch.
+   ``memory_bandwidth x memory_efficiency``. Per step, a slot is active when it received a
+   token in the step; in the average, when it received one anywhere in the trace, capped
+   by the GPU's token-expert pairs per batch.
 3. A layer's compute time is its slowest GPU's; GPUs wait for each other.
 4. An all-to-all exchange takes, on its slowest GPU, max(bytes sent, bytes received) inside
    the node over ``intra_bandwidth`` plus max(sent, received) across nodes over
@@ -32,17 +36,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moetuner.cluster import Cluster
+from moetuner.counts import Exchange, Replay
 from moetuner.errors import InputError
 from moetuner.io import read_json, write_json
 from moetuner.models import ModelSpec
-
-if TYPE_CHECKING:
-    from moetuner.evaluate import Exchange, Replay
 
 MODEL_NOTE = ("predicted by moetuner's cost model (a model, not a measurement; assumptions in "
               "moetuner/costmodel.py)")

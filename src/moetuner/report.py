@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moetuner.costmodel import MODEL_NOTE  # noqa: E402
-from moetuner.evaluate import Replay  # noqa: E402
+from moetuner.counts import Replay  # noqa: E402
 from moetuner.io import write_atomic  # noqa: E402
 
 TABLE_COLUMNS = (
@@ -35,8 +35,13 @@ TABLE_COLUMNS = (
     ("imbalance", "imbalance", "{:.3f}"), ("balancedness", "balancedness", "{:.3f}"),
     ("share_cross_gpu", "cross-GPU moves", "{:.1%}"),
     ("share_cross_node", "cross-node moves", "{:.1%}"),
-    ("moe_time_per_batch_s", "MoE time / batch (ms)", "ms"),
+    ("step_imbalance", "step imbalance", "{:.3f}"),
+    ("mean_step_time_s", "MoE time / step, mean (ms)", "ms"),
+    ("p99_step_time_s", "p99 (ms)", "ms"),
+    ("tokens_per_s", "tokens/s", "{:.4g}"),
     ("speedup_vs_linear", "speedup vs linear", "{:.3f}x"),
+    ("experts_moved", "online: experts moved", "{}"),
+    ("move_time_per_step_s", "online: move time / step (ms)", "ms"),
 )
 
 
@@ -129,6 +134,8 @@ def write_report(
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
+    if key not in row:  # the online columns of a static placement
+        return ""
     if fmt == "ms":
         return f"{row[key] * 1e3:.3f}"
     return fmt.format(row[key])
@@ -166,7 +173,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <p>{header["tokens"]} tokens of <code>{html.escape(str(header["trace"]))}</code>
 ({html.escape(str(header["selection"]))}); model {html.escape(header["model"])};
 {cluster["num_gpus"]} x {html.escape(cluster["gpu"]["name"])} GPUs in {cluster["num_nodes"]}
-node(s).</p>
+node(s); steps: {html.escape(str(header.get("batching", "")))}.</p>
 <p class="note">MoE times are {html.escape(MODEL_NOTE)}.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {figures}

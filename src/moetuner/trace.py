@@ -2,7 +2,8 @@
 
 The canonical trace is an ``.npz`` holding
 
-- ``topk_ids``     int   ``[tokens, moe_layers, k]``: expert ids, primary (highest-scored) first;
+- ``topk_ids``     int   ``[tokens, moe_layers, k]``: expert ids (``load_trace`` sorts each
+  token's columns by weight, highest first, when weights exist);
 - ``topk_weights`` float ``[tokens, moe_layers, k]`` (optional): router probabilities;
 - ``seq_lens``     int   ``[sequences]`` (optional): tokens are stored sequence after sequence;
 - any ``seq_*`` array ``[sequences]`` (optional): per-sequence labels (``seq_dataset``,
@@ -10,6 +11,12 @@ The canonical trace is an ``.npz`` holding
 - ``num_experts``  int scalar (optional): otherwise the largest id + 1.
 
 This is the layout of ``shared/traces/gpt-oss-20b/decode.npz``.
+
+Top-k order: engines record ``topk_ids`` as the top-k kernel returns them, which need not be
+by score (DeepSeek's gates call ``topk(..., sorted=False)``). A trace with weights is
+*ordered* (column 0 is the primary expert once sorted by weight); one without is a set of
+experts per token (``Trace.ordered`` is False), and order-dependent rules must not read
+column 0 as primary (``moetuner.steps.combine_gpu``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ class Trace:
     """A routing trace held in memory.
 
     Attributes:
-        topk_ids: int ``[tokens, layers, k]`` expert ids per token and MoE layer, primary first.
+        topk_ids: int ``[tokens, layers, k]`` expert ids per token and MoE layer (primary
+            first when ``ordered``).
         num_experts: experts per layer (E); every id is in ``[0, E)``.
         topk_weights: float ``[tokens, layers, k]`` router probabilities, or None.
         seq_lens: int ``[sequences]`` tokens per sequence (summing to ``tokens``), or None.
@@ -62,6 +70,12 @@ class Trace:
     @property
     def top_k(self) -> int:
         return int(self.topk_ids.shape[2])
+
+    @property
+    def ordered(self) -> bool:
+        """Whether column 0 of ``topk_ids`` is each token's primary expert: there are weights
+        (readers sort the columns by them) or k = 1. Without, a token's experts are a set."""
+        return self.topk_weights is not None or self.top_k == 1
 
     @property
     def num_sequences(self) -> int | None:
@@ -235,6 +249,25 @@ def load_trace(
         stored_e = int(data["num_experts"]) if "num_experts" in data.files else None
     if num_experts is None:
         num_experts = stored_e if stored_e is not None else (int(ids.max()) + 1 if ids.size else 1)
+    if weights is not None and weights.shape == ids.shape:
+        ids, weights = sort_by_weight(ids, weights)
     trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
                   seq_lens=seq_lens, seq_labels=labels, source=str(path))
     return trace.select(select, drop)
+
+
+def sort_by_weight(topk_ids: np.ndarray, topk_weights: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's columns in descending weight order (ties keep their order).
+
+    Args:
+        topk_ids, topk_weights: ``[tokens, layers, k]``.
+
+    Returns:
+        Both arrays, columns permuted alike (the inputs themselves when already sorted).
+    """
+    if topk_ids.shape[-1] < 2 or (np.diff(topk_weights, axis=-1) <= 0).all():
+        return topk_ids, topk_weights
+    order = np.argsort(-topk_weights, axis=-1, kind="stable")
+    return (np.take_along_axis(topk_ids, order, axis=-1),
+            np.take_along_axis(topk_weights, order, axis=-1))

@@ -78,7 +78,9 @@ def info_command(
             f"trace {file}: {trace.num_tokens} tokens, {trace.num_layers} MoE layers, "
             f"{trace.num_experts} experts, top-{trace.top_k}, "
             f"{trace.num_sequences if trace.num_sequences is not None else 'no'} sequences, "
-            f"weights {'yes' if trace.topk_weights is not None else 'no'}"
+            f"weights {'yes' if trace.topk_weights is not None else 'no'}, top-k "
+            + ("ordered (column 0 is the primary expert)" if trace.ordered else
+               "unordered (no weights: each token's experts are treated as a set)")
         )
         for name, labels in sorted(trace.seq_labels.items()):
             counts = Counter(labels.tolist())

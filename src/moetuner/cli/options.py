@@ -65,7 +65,26 @@ ReplicaPolicy = Annotated[str, typer.Option(
 Calibration = Annotated[Path | None, typer.Option(
     "--calibration", help="cost-model coefficients JSON (default: built-in assumptions)")]
 EvalTrace = Annotated[Path, typer.Option("--trace", help="held-out routing trace to replay")]
-Placements = Annotated[list[Path], typer.Argument(help="placement JSON files to compare")]
+Placements = Annotated[list[Path], typer.Argument(
+    help="placements to compare: moetuner JSON, or any file moetuner export writes (SGLang "
+    "JSON with its sidecar, vLLM JSON list (needs --gpus), vLLM-Ascend JSON, Megatron .npy)")]
 PlacementGpus = Annotated[int | None, typer.Option(
     "--gpus", help="expert-parallel GPUs (default: the placements')")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the numbers as JSON")]
+Batching = Annotated[str, typer.Option(
+    "--batching", help="engine steps: decode (continuous batching), prefill (chunks of "
+    "--step-tokens) or none (today's whole-trace average)")]
+Concurrency = Annotated[int | None, typer.Option(
+    "--concurrency", help="decode: running sequences in the cluster (default 128 x G)")]
+StepTokens = Annotated[int | None, typer.Option(
+    "--step-tokens", help="prefill: tokens per step (default 8192)")]
+Online = Annotated[str | None, typer.Option(
+    "--online", help="also replay each placement with online rebalancing by METHOD (e.g. "
+    "eplb), as vLLM/SGLang --enable-eplb do")]
+OnlinePreset = Annotated[str, typer.Option(
+    "--online-preset", help="engine defaults for --window/--interval: vllm (1000/3000 "
+    "steps) or sglang (1000/1000)")]
+Window = Annotated[int | None, typer.Option(
+    "--window", help="online: steps of loads a rebalance sees (default: the preset's)")]
+Interval = Annotated[int | None, typer.Option(
+    "--interval", help="online: steps between rebalances (default: the preset's)")]

@@ -10,19 +10,26 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.evaluate import read_inputs
 from moetuner.cli.options import (
+    Batching,
     Calibration,
+    Concurrency,
     Drop,
     EvalTrace,
     ExecModel,
     GpuName,
     InterBw,
+    Interval,
     IntraBw,
     ModelName,
     Nodes,
+    Online,
+    OnlinePreset,
     PlacementGpus,
     Placements,
     ReplicaPolicy,
     Select,
+    StepTokens,
+    Window,
 )
 from moetuner.errors import InputError
 from moetuner.profile import profile_trace
@@ -47,10 +54,18 @@ def report_command(
     exec_model: ExecModel = "both",
     replica_policy: ReplicaPolicy = "even",
     calibration: Calibration = None,
+    batching: Batching = "decode",
+    concurrency: Concurrency = None,
+    step_tokens: StepTokens = None,
+    online: Online = None,
+    online_preset: OnlinePreset = "vllm",
+    window: Window = None,
+    interval: Interval = None,
 ) -> None:
     """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
-                         inter_bw, exec_model, replica_policy, calibration)
+                         inter_bw, exec_model, replica_policy, calibration, batching,
+                         concurrency, step_tokens, online, online_preset, window, interval)
     if not 0 <= layer < inputs.trace.num_layers - 1:
         raise InputError("--layer", "layer",
                          f"a layer in [0, {inputs.trace.num_layers - 1}) (it has a next one)",
