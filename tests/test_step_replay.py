@@ -281,7 +281,7 @@ def test_move_cost_charges_the_link_a_copy_crosses():
 def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     trace = load_trace(SLICE, drop=["seq_repetition"])
     cluster = make_cluster(4, 2)
-    placement = place(profile_trace(trace), cluster, "eplb", PlaceOptions(redundant=4))[0]
+    placement = place(profile_trace(trace), cluster, "eplb_fixed", PlaceOptions(redundant=4))[0]
     plain = place(profile_trace(trace), cluster, "linear")[0]
     files = {"eplb.json": placement, "plain.json": plain}
     for name, p in files.items():

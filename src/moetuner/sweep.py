@@ -52,12 +52,11 @@ from moetuner.parallel import map_tasks
 from moetuner.profile import Profile
 from moetuner.trace import Trace
 
-# Batching settings the evaluator supports (per-step batching arrives with its
-# ``batching=`` and ``concurrency=`` arguments; ``EvalOptions.evaluate_kwargs`` passes them).
-BATCHING = ("none",)
+# Batching settings of the evaluator (``moetuner.steps``).
+BATCHING = ("none", "decode", "prefill")
 # The predicted time the Pareto plot and the recommendation use, and its name in tables.
-TIME_COLUMN = "moe_time_per_batch_s"
-TIME_LABEL = "MoE ms/batch"
+TIME_COLUMN = "mean_step_time_s"
+TIME_LABEL = "mean step ms"
 TIE_TOLERANCE = 0.01
 
 
@@ -96,7 +95,8 @@ class EvalOptions:
 
     def evaluate_kwargs(self, point: SweepPoint, coefficients: CostCoefficients) -> dict:
         """Keyword arguments of ``moetuner.evaluate.evaluate`` for ``point``."""
-        return {"replica_policy": self.replica_policy, "coefficients": coefficients}
+        return {"replica_policy": self.replica_policy, "coefficients": coefficients,
+                "batching": point.batching, "concurrency": point.concurrency}
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class SweepPoint:
     gpu: str
     method: str
     exec_model: str
-    batching: str = "none"
+    batching: str = "decode"
     concurrency: int | None = None
 
     def key(self, context: str) -> str:
@@ -152,7 +152,7 @@ class SweepGrid:
     redundant: tuple[int | str, ...] = (0,)
     methods: tuple[str, ...] = ("linear", "eplb", "moetuner")
     exec_models: tuple[str, ...] = EXEC_MODELS
-    batching: tuple[str, ...] = ("none",)
+    batching: tuple[str, ...] = ("decode",)
     concurrency: tuple[int, ...] = ()
     gpu: tuple[str, ...] = ("h100",)
     time_limit: float = 10.0
@@ -281,11 +281,9 @@ def run_point(task: PointTask) -> dict:
     placement, record = place(profile, cluster, point.method, options)
     result, cost = evaluate(placement, trace, cluster, model, point.exec_model,
                             **grid.evaluation.evaluate_kwargs(point, coefficients))
-    time = cost.summary()[TIME_COLUMN]
     metrics = {**result.summary(),
                "traffic_bytes": float(result.traffic.sum() * model.token_bytes),
-               **cost.summary(),
-               "tokens_per_s": cost.batch_tokens / time if time else float("inf")}
+               **cost.summary()}
     parameters = asdict(point)
     return {
         **parameters,
