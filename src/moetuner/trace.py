@@ -94,25 +94,10 @@ class Trace:
         ``select(["seq_dataset=mmlu*"], drop=["seq_repetition"])`` keeps MMLU sequences that
         did not fall into a repetition loop. Several selectors must all match.
         """
-        trace = self
-        for selector in selectors:
-            name, sep, pattern = selector.partition("=")
-            if not sep:
-                raise InputError(self.source, "--select", "NAME=PATTERN", repr(selector))
-            labels = trace.labels(name)
-            patterns = pattern.split("|")
-            keep = np.array(
-                [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
-                dtype=bool,
-            )
-            trace = trace.take_sequences(keep, selector)
-        for name in drop:
-            labels = trace.labels(name)
-            if labels.dtype != bool:
-                raise InputError(self.source, name, "a bool [sequences] flag to --drop",
-                                 labels.dtype)
-            trace = trace.take_sequences(~labels, f"drop {name}")
-        return trace
+        if not selectors and not drop:
+            return self
+        keep, description = select_sequences(self.seq_labels, selectors, drop, self.source)
+        return self.take_sequences(keep, description)
 
     def split(self, fraction: float = 0.5) -> tuple[Trace, Trace]:
         """Split into a first and a second part at a sequence boundary (token boundary if none).
@@ -123,9 +108,7 @@ class Trace:
         if self.seq_lens is None:
             cut = int(round(self.num_tokens * fraction))
             return self.slice_tokens(0, cut), self.slice_tokens(cut, self.num_tokens)
-        ends = np.cumsum(self.seq_lens)
-        n_first = int(np.searchsorted(ends, self.num_tokens * fraction)) + 1
-        n_first = min(max(n_first, 1), len(self.seq_lens) - 1) if len(self.seq_lens) > 1 else 1
+        n_first = first_sequences(self.seq_lens, fraction)
         keep = np.arange(len(self.seq_lens)) < n_first
         return (self.take_sequences(keep, f"sequences [0, {n_first})"),
                 self.take_sequences(~keep, f"sequences [{n_first}, end)"))
@@ -144,10 +127,7 @@ class Trace:
     def labels(self, name: str) -> np.ndarray:
         """``[sequences]`` the per-sequence label array ``name``; an InputError naming the
         labels present otherwise."""
-        if name not in self.seq_labels:
-            known = ", ".join(sorted(self.seq_labels)) or "none"
-            raise InputError(self.source, name, f"a per-sequence label array (present: {known})")
-        return self.seq_labels[name]
+        return _label(self.seq_labels, name, self.source)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the trace as a canonical ``.npz`` (atomically)."""
@@ -161,6 +141,60 @@ class Trace:
             arrays["seq_lens"] = self.seq_lens
         arrays.update(self.seq_labels)
         write_npz(path, **arrays)
+
+
+def _label(seq_labels: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
+    if name not in seq_labels:
+        known = ", ".join(sorted(seq_labels)) or "none"
+        raise InputError(source, name, f"a per-sequence label array (present: {known})")
+    return seq_labels[name]
+
+
+def select_sequences(
+    seq_labels: dict[str, np.ndarray],
+    selectors: Sequence[str],
+    drop: Sequence[str],
+    source: str,
+) -> tuple[np.ndarray, str]:
+    """The sequences ``Trace.select`` keeps, from the label arrays alone.
+
+    Args:
+        seq_labels: name -> ``[sequences]`` label array.
+        selectors: ``NAME=PATTERN`` selectors, all of which must match.
+        drop: names of bool ``[sequences]`` flags whose sequences are removed.
+        source: the file, for error messages.
+
+    Returns:
+        bool ``[sequences]`` keep mask and the readable description of the selection. A
+        streaming reader selects with it before reading any token.
+    """
+    descriptions = list(selectors) + [f"drop {name}" for name in drop]
+    keep = None
+    for selector in selectors:
+        name, sep, pattern = selector.partition("=")
+        if not sep:
+            raise InputError(source, "--select", "NAME=PATTERN", repr(selector))
+        labels = _label(seq_labels, name, source)
+        patterns = pattern.split("|")
+        match = np.array(
+            [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
+            dtype=bool,
+        )
+        keep = match if keep is None else keep & match
+    for name in drop:
+        labels = _label(seq_labels, name, source)
+        if labels.dtype != bool:
+            raise InputError(source, name, "a bool [sequences] flag to --drop", labels.dtype)
+        keep = ~labels if keep is None else keep & ~labels
+    return keep, "; ".join(descriptions)
+
+
+def first_sequences(seq_lens: np.ndarray, fraction: float) -> int:
+    """How many leading sequences hold about ``fraction`` of the tokens (``Trace.split``):
+    at least one, and one fewer than all when there are several."""
+    ends = np.cumsum(seq_lens)
+    n_first = int(np.searchsorted(ends, int(ends[-1]) * fraction)) + 1 if len(ends) else 1
+    return min(max(n_first, 1), len(seq_lens) - 1) if len(seq_lens) > 1 else 1
 
 
 def _validate(trace: Trace) -> None:
