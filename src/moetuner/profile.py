@@ -185,7 +185,7 @@ def _count_chunk(ids: np.ndarray, load: np.ndarray, transitions: np.ndarray,
                  transitions_top1: np.ndarray, coactivation_upper: np.ndarray) -> None:
     """Add one chunk ``ids [t, L, k]`` to the int64 counts ``load [L, E]``, ``transitions``
     and ``transitions_top1 [L-1, E, E]`` and ``coactivation_upper [L, E, E]`` (column a < b
-    pairs only; ``_Counter.arrays`` makes it symmetric).
+    pairs only; ``RoutingCounter.arrays`` makes it symmetric).
 
     Layers are the outer loop so that one layer's E x E tables stay in cache while its
     tokens stream past (E = 256: 1 MB against 58 MB for all layers).
@@ -207,7 +207,7 @@ def _count_chunk(ids: np.ndarray, load: np.ndarray, transitions: np.ndarray,
                 transitions_top1[layer, ids[token, layer, 0], ids[token, layer + 1, 0]] += 1
 
 
-class _Counter:
+class RoutingCounter:
     """Accumulates the four count arrays of a stream of ``[tokens, L, k]`` id chunks."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -265,7 +265,7 @@ def profile_halves(
     provenance: list[dict],
     source: str,
 ) -> Profile:
-    """The profile of a trace counted as two halves (``_Counter.arrays`` of each); with
+    """The profile of a trace counted as two halves (``RoutingCounter.arrays`` of each); with
     ``second`` None the trace was not split and stability is unknown."""
     if second is None:
         return Profile(**first, top_k=top_k, tokens=tokens, provenance=provenance,
@@ -299,7 +299,7 @@ def profile_trace(
     bounds = [(0, trace.num_tokens)] if cut is None else [(0, cut), (cut, trace.num_tokens)]
     counted = []
     for start, stop in bounds:
-        counter = _Counter(trace.num_layers, trace.num_experts, trace.top_k)
+        counter = RoutingCounter(trace.num_layers, trace.num_experts, trace.top_k)
         for lo in range(start, stop, chunk):
             ids = trace.topk_ids[lo:min(lo + chunk, stop)]
             counter.add(ids)

@@ -226,20 +226,28 @@ def _validate(trace: Trace) -> None:
                              list(w.shape))
         if not np.isfinite(w).all():
             raise InputError(src, "topk_weights", "finite router probabilities", "NaN or inf")
-    if trace.seq_lens is not None:
-        lens = trace.seq_lens
-        if lens.ndim != 1 or not np.issubdtype(lens.dtype, np.integer) or (lens < 0).any():
-            raise InputError(src, "seq_lens", "non-negative integers [sequences]",
-                             f"{lens.dtype} {list(lens.shape)}")
-        if int(lens.sum()) != tokens:
-            raise InputError(src, "seq_lens", f"lengths summing to the {tokens} tokens",
-                             int(lens.sum()))
-        for name, labels in trace.seq_labels.items():
-            if labels.shape != lens.shape:
-                raise InputError(src, name, f"one label per sequence [{lens.shape[0]}]",
+    validate_sequences(src, tokens, trace.seq_lens, trace.seq_labels)
+
+
+def validate_sequences(source: str, tokens: int, seq_lens: np.ndarray | None,
+                       seq_labels: dict[str, np.ndarray]) -> None:
+    """Check ``seq_lens [sequences]`` and the ``[sequences]`` label arrays of a ``tokens``-token
+    trace (a streaming reader checks them before reading any token)."""
+    if seq_lens is not None:
+        if seq_lens.ndim != 1 or not np.issubdtype(seq_lens.dtype, np.integer) \
+                or (seq_lens < 0).any():
+            raise InputError(source, "seq_lens", "non-negative integers [sequences]",
+                             f"{seq_lens.dtype} {list(seq_lens.shape)}")
+        if int(seq_lens.sum()) != tokens:
+            raise InputError(source, "seq_lens", f"lengths summing to the {tokens} tokens",
+                             int(seq_lens.sum()))
+        for name, labels in seq_labels.items():
+            if labels.shape != seq_lens.shape:
+                raise InputError(source, name, f"one label per sequence [{seq_lens.shape[0]}]",
                                  list(labels.shape))
-    elif trace.seq_labels:
-        raise InputError(src, "seq_lens", "sequence lengths, since per-sequence labels are given")
+    elif seq_labels:
+        raise InputError(source, "seq_lens",
+                         "sequence lengths, since per-sequence labels are given")
 
 
 def load_trace(

@@ -1,0 +1,221 @@
+"""Streaming profiles of trace files too large for memory, and the sum of shard profiles.
+
+A canonical ``.npz`` trace (``topk_ids [tokens, layers, k]``) or an ExFlow ``.npy``
+(``[tokens, layers]``) is read a chunk of rows at a time: the small per-sequence arrays
+(``seq_lens``, ``seq_*`` labels) are read first, the selection is decided from them, then the
+ids stream past the counter. Memory holds one chunk of ids and the count arrays, whatever the
+file's length. The result equals ``profile_trace`` of the whole file read into memory,
+stability figures included.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moetuner.errors import InputError
+from moetuner.io import open_npz
+from moetuner.profile import (
+    Profile,
+    RoutingCounter,
+    chunk_tokens_for,
+    half_cut,
+    profile_halves,
+)
+from moetuner.trace import Trace, select_sequences, validate_sequences
+
+# read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
+RowReader = Callable[[int], np.ndarray]
+
+
+def _npy_member_header(archive: zipfile.ZipFile, member: str
+                       ) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an ``.npy`` inside a zip, reading no data."""
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(handle)
+        return np.lib.format.read_array_header_2_0(handle)
+
+
+def npz_ids_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape of ``topk_ids`` in a canonical ``.npz`` trace, or None when ``path`` is not one."""
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "topk_ids.npy" not in archive.namelist():
+                return None
+            return _npy_member_header(archive, "topk_ids.npy")[0]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowReader, Callable]:
+    """A sequential row reader over ``topk_ids`` in the zip, and the function closing it."""
+    archive = zipfile.ZipFile(path)
+    handle = archive.open("topk_ids.npy")
+    version = np.lib.format.read_magic(handle)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0)
+     else np.lib.format.read_array_header_2_0)(handle)
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+
+    def read_rows(n: int) -> np.ndarray:
+        data = handle.read(n * row_bytes)
+        if len(data) != n * row_bytes:
+            raise InputError(path, "topk_ids", f"{shape[0]} rows", "a truncated array")
+        return np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
+
+    def close() -> None:
+        handle.close()
+        archive.close()
+
+    return read_rows, close
+
+
+def stream_canonical_profile(
+    path: Path,
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    chunk_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """Profile a canonical ``.npz`` trace chunk by chunk (``load_trace`` + ``profile_trace``
+    without holding the trace). ``progress`` receives the tokens read (before selection)."""
+    with open_npz(path, "a numpy .npz trace") as data:
+        if "topk_ids" not in data.files:
+            raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
+        shape, fortran, dtype = _npy_member_header(data.zip, "topk_ids.npy")
+        seq_lens = data["seq_lens"] if "seq_lens" in data.files else None
+        labels = {name: data[name] for name in data.files
+                  if name.startswith("seq_") and name != "seq_lens"}
+        stored_e = int(data["num_experts"]) if "num_experts" in data.files else None
+    if len(shape) != 3 or not np.issubdtype(dtype, np.integer) or fortran:
+        raise InputError(path, "topk_ids", "an integer C-order array [tokens, layers, k]",
+                         f"{dtype} {list(shape)}")
+    read_rows, close = _npz_rows(path, shape, dtype)
+    try:
+        return _profile_rows(read_rows, shape, seq_lens, labels, stored_e, select, drop,
+                             str(path), chunk_tokens, progress)
+    finally:
+        close()
+
+
+def stream_exflow_profile(
+    path: Path,
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    chunk_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """Profile an ExFlow ``[tokens, layers]`` top-1 ``.npy`` chunk by chunk (memory-mapped)."""
+    ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    offset = 0
+
+    def read_rows(n: int) -> np.ndarray:
+        nonlocal offset
+        rows = np.asarray(ids[offset:offset + n])[:, :, None]
+        offset += n
+        return rows
+
+    return _profile_rows(read_rows, (*ids.shape, 1), None, {}, None, select, drop, str(path),
+                         chunk_tokens, progress)
+
+
+def _profile_rows(
+    read_rows: RowReader,
+    shape: tuple[int, ...],
+    seq_lens: np.ndarray | None,
+    labels: dict[str, np.ndarray],
+    num_experts: int | None,
+    select: Sequence[str],
+    drop: Sequence[str],
+    source: str,
+    chunk_tokens: int | None,
+    progress: Callable[[int], None] | None,
+) -> Profile:
+    """Count ``shape = (tokens, layers, k)`` rows read in order, keeping the selected sequences.
+
+    Chunks hold whole sequences (a sequence longer than a chunk is read alone), so the
+    sequence selection applies to each chunk as a token mask; the cut between the two halves
+    that give the stability figures is the one ``Trace.split`` makes on the selected trace.
+    """
+    tokens, layers, k = shape
+    validate_sequences(source, tokens, seq_lens, labels)
+    if layers < 1 or k < 1:
+        raise InputError(source, "topk_ids", "at least one layer and k >= 1", list(shape))
+    chunk = chunk_tokens or chunk_tokens_for(layers, num_experts or 1, k)
+    if select or drop:
+        keep, selection = select_sequences(labels, select, drop, source)
+    else:
+        keep, selection = None, "all"
+    if seq_lens is None:  # no sequences to keep whole: fixed-size token chunks
+        units = np.full(-(-tokens // chunk), chunk, np.int64)
+        if len(units):
+            units[-1] = tokens - chunk * (len(units) - 1)
+        kept_lens = None
+    else:
+        units = seq_lens.astype(np.int64)
+        kept_lens = units if keep is None else units[keep]
+    kept_tokens = tokens if kept_lens is None else int(kept_lens.sum())
+    cut = half_cut(kept_tokens, kept_lens)
+    experts = num_experts or 1
+    counters = [RoutingCounter(layers, experts, k) for _ in range(1 if cut is None else 2)]
+    ends = np.cumsum(units)
+    first_unit, done, counted = 0, 0, 0
+    while first_unit < len(units):
+        stop_unit = max(first_unit + 1, int(np.searchsorted(ends, done + chunk, side="right")))
+        rows = read_rows(int(ends[stop_unit - 1]) - done)
+        if num_experts is None and rows.size:  # E = largest id + 1, as load_trace infers it
+            experts = max(experts, int(rows.max()) + 1)
+        Trace(topk_ids=rows, num_experts=experts, source=source)  # validates the ids
+        if keep is not None:
+            rows = rows[np.repeat(keep[first_unit:stop_unit], units[first_unit:stop_unit])]
+        split = len(rows) if cut is None else min(max(cut - counted, 0), len(rows))
+        for counter, part in zip(counters, (rows[:split], rows[split:]), strict=False):
+            counter.grow(experts)
+            counter.add(part)
+        if progress is not None:
+            progress(int(ends[stop_unit - 1]) - done)
+        done, counted, first_unit = int(ends[stop_unit - 1]), counted + len(rows), stop_unit
+    for counter in counters:
+        counter.grow(experts)
+    arrays = [counter.arrays() for counter in counters]
+    provenance = [{"source": source, "selection": selection, "tokens": kept_tokens}]
+    return profile_halves(arrays[0], arrays[1] if len(arrays) == 2 else None, k, kept_tokens,
+                          provenance, source)
+
+
+def pad_experts(profile: Profile, num_experts: int) -> Profile:
+    """``profile`` with zero counts for experts ``[profile.num_experts, num_experts)``: shards
+    whose E is inferred from their largest id can then be added."""
+    extra = num_experts - profile.num_experts
+    if extra <= 0:
+        return profile
+    padded = {"load": np.pad(profile.load, ((0, 0), (0, extra)))}
+    for name in ("transitions", "transitions_top1", "coactivation"):
+        counts = getattr(profile, name)
+        padded[name] = None if counts is None else np.pad(counts, ((0, 0), (0, extra),
+                                                                  (0, extra)))
+    return Profile(**padded, top_k=profile.top_k, tokens=profile.tokens,
+                   stability_load=profile.stability_load,
+                   stability_transitions=profile.stability_transitions,
+                   provenance=profile.provenance, source=profile.source)
+
+
+def sum_profiles(profiles: Iterable[Profile]) -> Profile:
+    """The reduce of shard profiling: counts add (over the largest E), provenance concatenates;
+    one profile is returned as it is (its stability figures kept)."""
+    profiles = list(profiles)
+    if not profiles:
+        raise InputError("<shards>", "shards", "at least one trace or profile")
+    if len(profiles) == 1:
+        return profiles[0]
+    experts = max(p.num_experts for p in profiles)
+    total = pad_experts(profiles[0], experts)
+    for profile in profiles[1:]:
+        total = total + pad_experts(profile, experts)
+    return total
