@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from moetuner.errors import InputError
@@ -29,6 +30,23 @@ from moetuner.trace import Trace, select_sequences, validate_sequences
 
 # read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
 RowReader = Callable[[int], np.ndarray]
+
+
+@numba.njit(cache=True, nogil=True)
+def _ids_valid(ids: np.ndarray, num_experts: int) -> bool:
+    """Whether every ``ids [t, L, k]`` row holds k distinct ids in ``[0, num_experts)``: the
+    check ``Trace`` makes, compiled (sorting each row costs twice the counting)."""
+    tokens, layers, k = ids.shape
+    for token in range(tokens):
+        for layer in range(layers):
+            for a in range(k):
+                i = ids[token, layer, a]
+                if i < 0 or i >= num_experts:
+                    return False
+                for b in range(a):
+                    if ids[token, layer, b] == i:
+                        return False
+    return True
 
 
 def _npy_member_header(archive: zipfile.ZipFile, member: str
@@ -171,7 +189,8 @@ def _profile_rows(
         rows = read_rows(int(ends[stop_unit - 1]) - done)
         if num_experts is None and rows.size:  # E = largest id + 1, as load_trace infers it
             experts = max(experts, int(rows.max()) + 1)
-        Trace(topk_ids=rows, num_experts=experts, source=source)  # validates the ids
+        if not _ids_valid(rows, experts):
+            Trace(topk_ids=rows, num_experts=experts, source=source)  # raises, saying why
         if keep is not None:
             rows = rows[np.repeat(keep[first_unit:stop_unit], units[first_unit:stop_unit])]
         split = len(rows) if cut is None else min(max(cut - counted, 0), len(rows))
