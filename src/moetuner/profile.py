@@ -187,24 +187,39 @@ def _count_chunk(ids: np.ndarray, load: np.ndarray, transitions: np.ndarray,
     and ``transitions_top1 [L-1, E, E]`` and ``coactivation_upper [L, E, E]`` (column a < b
     pairs only; ``RoutingCounter.arrays`` makes it symmetric).
 
-    Layers are the outer loop so that one layer's E x E tables stay in cache while its
-    tokens stream past (E = 256: 1 MB against 58 MB for all layers).
+    Layers are the outer loop and the k x k pairs of one layer go to an int32 ``[E, E]``
+    scratch table first (a chunk's counts fit int32): one hot table of 256 KB for E = 256
+    instead of 58 int64 tables of 512 KB, which roughly doubles the speed at that size.
     """
     tokens, layers, k = ids.shape
+    experts = load.shape[1]
+    scratch = np.zeros((experts, experts), np.int32)
     for layer in range(layers):
         for token in range(tokens):
             for a in range(k):
                 i = ids[token, layer, a]
                 load[layer, i] += 1
                 for b in range(a + 1, k):
-                    coactivation_upper[layer, i, ids[token, layer, b]] += 1
+                    scratch[i, ids[token, layer, b]] += 1
+        _flush(scratch, coactivation_upper[layer])
         if layer + 1 < layers:
             for token in range(tokens):
                 for a in range(k):
                     i = ids[token, layer, a]
                     for b in range(k):
-                        transitions[layer, i, ids[token, layer + 1, b]] += 1
+                        scratch[i, ids[token, layer + 1, b]] += 1
                 transitions_top1[layer, ids[token, layer, 0], ids[token, layer + 1, 0]] += 1
+            _flush(scratch, transitions[layer])
+
+
+@numba.njit(cache=True, nogil=True)
+def _flush(scratch: np.ndarray, counts: np.ndarray) -> None:
+    """``counts += scratch``, then zero ``scratch`` (both ``[E, E]``)."""
+    experts = scratch.shape[0]
+    for i in range(experts):
+        for j in range(experts):
+            counts[i, j] += scratch[i, j]
+            scratch[i, j] = 0
 
 
 class RoutingCounter:
@@ -234,11 +249,13 @@ class RoutingCounter:
                      self.transitions_top1, self.coactivation_upper)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The four count arrays (``load`` and the transitions are the counter's own: call
+        once counting is done)."""
         diagonal = np.arange(self.E)
         coactivation = self.coactivation_upper + self.coactivation_upper.transpose(0, 2, 1)
         coactivation[:, diagonal, diagonal] = self.load
-        return {"load": self.load.copy(), "transitions": self.transitions.copy(),
-                "transitions_top1": self.transitions_top1.copy(), "coactivation": coactivation}
+        return {"load": self.load, "transitions": self.transitions,
+                "transitions_top1": self.transitions_top1, "coactivation": coactivation}
 
 
 def chunk_tokens_for(num_layers: int, num_experts: int, top_k: int) -> int:
