@@ -10,8 +10,9 @@ A routing record is one (token, layer, expert) choice: tokens x layers x k.
    ``np.bincount`` counting of moetuner 0.1 (before), the same with uint32 keys and the
    coactivation upper triangle only (a numpy reformulation), and the compiled counter
    ``profile_trace`` uses now (after).
-2. From file to profile, each in a fresh process for its peak RSS: before = read the whole
-   trace (``load_trace``) and bincount-count it; after = ``profile_shards``, streamed.
+2. From file to profile, each in a fresh process for its peak RSS (imports alone: about
+   150 MiB): before = read the whole trace (``load_trace``) and bincount-count it; after =
+   ``profile_shards``, streamed (its time includes loading the cached compiled counter).
 3. The same on a SYNTHETIC trace shaped like DeepSeek-V3 (58 MoE layers, 256 experts,
    top-8; skewed random ids, sequences of 1-2000 tokens), written to a temp dir as S
    uncompressed canonical ``.npz`` shards. "before" reads and counts one shard (it holds
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -109,9 +111,15 @@ def child(mode: str, paths: list[str]) -> None:
         profile = profile_shards(paths, workers=int(mode.removeprefix("after-w")))
         counted = profile.tokens * profile.num_layers * profile.top_k
     seconds = time.perf_counter() - start
-    peak_kib = max(resource.getrusage(who).ru_maxrss
-                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(json.dumps({"seconds": seconds, "records": counted, "peak_mib": peak_kib / 1024}))
+    print(json.dumps({"seconds": seconds, "records": counted, "peak_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process or of any of its worker processes, in MiB. VmHWM, because
+    ru_maxrss of a process keeps the peak of the process that forked it across exec."""
+    status = Path("/proc/self/status").read_text()
+    own_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    return max(own_kib, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
 def measure(mode: str, paths: list[Path]) -> dict:

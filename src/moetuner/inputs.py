@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -205,17 +205,23 @@ def profile_shards(
         select, drop: the sequence selection, applied to every trace shard.
         workers: processes profiling shards at once (1: in this process, chunk by chunk).
         progress: called with tokens read; per chunk with one worker, per shard otherwise.
+
+    Shard profiles are added as they arrive (in shard order), so memory holds a few
+    profiles, not one per shard.
     """
     if workers <= 1 or len(shards) <= 1:
         return sum_profiles(profile_shard(shard, select, drop, progress=progress)
                             for shard in shards)
-    profiles: list[Profile | None] = [None] * len(shards)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(profile_shard, shard, tuple(select), tuple(drop)): index
-                   for index, shard in enumerate(shards)}
-        for future in as_completed(futures):
-            index = futures[future]
-            profiles[index] = future.result()
-            if progress is not None:
-                progress(shard_tokens(Path(shards[index])) or profiles[index].tokens)
-    return sum_profiles(profiles)
+        profiles = pool.map(profile_shard, shards, [tuple(select)] * len(shards),
+                            [tuple(drop)] * len(shards))
+        return sum_profiles(_advancing(profiles, shards, progress))
+
+
+def _advancing(profiles: Iterator[Profile], shards: Sequence[str | os.PathLike],
+               progress: Callable[[int], None] | None) -> Iterator[Profile]:
+    """``profiles`` (one per shard, in order), advancing ``progress`` by each shard's tokens."""
+    for shard, profile in zip(shards, profiles, strict=True):
+        if progress is not None:
+            progress(shard_tokens(Path(shard)) or profile.tokens)
+        yield profile

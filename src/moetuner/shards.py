@@ -227,14 +227,15 @@ def pad_experts(profile: Profile, num_experts: int) -> Profile:
 
 def sum_profiles(profiles: Iterable[Profile]) -> Profile:
     """The reduce of shard profiling: counts add (over the largest E), provenance concatenates;
-    one profile is returned as it is (its stability figures kept)."""
-    profiles = list(profiles)
-    if not profiles:
+    one profile is returned as it is (its stability figures kept). Folds as the profiles
+    come, so a generator of shard profiles holds two at a time, not one per shard."""
+    total = None
+    for profile in profiles:
+        if total is None:
+            total = profile
+            continue
+        experts = max(total.num_experts, profile.num_experts)
+        total = pad_experts(total, experts) + pad_experts(profile, experts)
+    if total is None:
         raise InputError("<shards>", "shards", "at least one trace or profile")
-    if len(profiles) == 1:
-        return profiles[0]
-    experts = max(p.num_experts for p in profiles)
-    total = pad_experts(profiles[0], experts)
-    for profile in profiles[1:]:
-        total = total + pad_experts(profile, experts)
     return total
