@@ -223,15 +223,24 @@ def _flush(scratch: np.ndarray, counts: np.ndarray) -> None:
 
 
 class RoutingCounter:
-    """Accumulates the four count arrays of a stream of ``[tokens, L, k]`` id chunks."""
+    """Accumulates the four count arrays of a stream of ``[tokens, L, k]`` id chunks.
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+    With ``cut`` (a token index, e.g. ``half_cut``), it also keeps the load and transitions
+    of the first ``cut`` tokens; the second half is the total minus the first, so the
+    stability figures cost one copy of two arrays instead of a second counter.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int,
+                 cut: int | None = None) -> None:
         L, E = num_layers, num_experts
         self.L, self.E, self.k = L, E, top_k
         self.load = np.zeros((L, E), np.int64)
         self.transitions = np.zeros((max(L - 1, 0), E, E), np.int64)
         self.transitions_top1 = np.zeros((max(L - 1, 0), E, E), np.int64)
         self.coactivation_upper = np.zeros((L, E, E), np.int64)
+        self.cut = cut
+        self.counted = 0
+        self.first_half: dict[str, np.ndarray] | None = None
 
     def grow(self, num_experts: int) -> None:
         """Widen the counts to ``num_experts`` (a streamed shard that does not store E)."""
@@ -241,21 +250,46 @@ class RoutingCounter:
         self.load = np.pad(self.load, ((0, 0), (0, extra)))
         for name in ("transitions", "transitions_top1", "coactivation_upper"):
             setattr(self, name, np.pad(getattr(self, name), ((0, 0), (0, extra), (0, extra))))
+        if self.first_half is not None:
+            self.first_half = {
+                "load": np.pad(self.first_half["load"], ((0, 0), (0, extra))),
+                "transitions": np.pad(self.first_half["transitions"],
+                                      ((0, 0), (0, extra), (0, extra)))}
         self.E = num_experts
 
     def add(self, ids: np.ndarray) -> None:
-        """Count one chunk ``ids [t, L, k]`` (ids in ``[0, E)``, checked by ``Trace``)."""
+        """Count the next chunk ``ids [t, L, k]`` (ids in ``[0, E)``, checked by ``Trace``)."""
+        if self.cut is not None and self.first_half is None \
+                and self.counted + len(ids) >= self.cut:
+            split = self.cut - self.counted
+            self._count(ids[:split])
+            self.first_half = {"load": self.load.copy(), "transitions": self.transitions.copy()}
+            ids = ids[split:]
+        self._count(ids)
+
+    def _count(self, ids: np.ndarray) -> None:
         _count_chunk(np.ascontiguousarray(ids), self.load, self.transitions,
                      self.transitions_top1, self.coactivation_upper)
+        self.counted += len(ids)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The four count arrays (``load`` and the transitions are the counter's own: call
-        once counting is done)."""
+    def profile(self, provenance: list[dict], source: str) -> Profile:
+        """The profile of everything counted (call once, when counting is done; it shares
+        the counter's arrays), with stability figures when ``cut`` was given."""
         diagonal = np.arange(self.E)
         coactivation = self.coactivation_upper + self.coactivation_upper.transpose(0, 2, 1)
         coactivation[:, diagonal, diagonal] = self.load
-        return {"load": self.load, "transitions": self.transitions,
-                "transitions_top1": self.transitions_top1, "coactivation": coactivation}
+        stability = {}
+        if self.cut is not None:
+            first = self.first_half or {"load": self.load, "transitions": self.transitions}
+            stability["stability_load"] = _correlation_rows(first["load"],
+                                                            self.load - first["load"])
+            if self.L > 1:
+                stability["stability_transitions"] = _correlation_rows(
+                    first["transitions"], self.transitions - first["transitions"])
+        return Profile(load=self.load, transitions=self.transitions,
+                       transitions_top1=self.transitions_top1, coactivation=coactivation,
+                       top_k=self.k, tokens=self.counted, **stability,
+                       provenance=provenance, source=source)
 
 
 def chunk_tokens_for(num_layers: int, num_experts: int, top_k: int) -> int:
@@ -274,28 +308,6 @@ def half_cut(num_tokens: int, seq_lens: np.ndarray | None) -> int | None:
     return int(np.sum(seq_lens[:first_sequences(seq_lens, 0.5)]))
 
 
-def profile_halves(
-    first: dict[str, np.ndarray],
-    second: dict[str, np.ndarray] | None,
-    top_k: int,
-    tokens: int,
-    provenance: list[dict],
-    source: str,
-) -> Profile:
-    """The profile of a trace counted as two halves (``RoutingCounter.arrays`` of each); with
-    ``second`` None the trace was not split and stability is unknown."""
-    if second is None:
-        return Profile(**first, top_k=top_k, tokens=tokens, provenance=provenance,
-                       source=source)
-    total = {name: first[name] + second[name] for name in _COUNT_FIELDS}
-    stability = {"stability_load": _correlation_rows(first["load"], second["load"])}
-    if first["load"].shape[0] > 1:
-        stability["stability_transitions"] = _correlation_rows(first["transitions"],
-                                                               second["transitions"])
-    return Profile(**total, top_k=top_k, tokens=tokens, **stability, provenance=provenance,
-                   source=source)
-
-
 def profile_trace(
     trace: Trace,
     chunk_tokens: int | None = None,
@@ -303,8 +315,8 @@ def profile_trace(
 ) -> Profile:
     """Count a trace's routing statistics in streaming chunks.
 
-    The trace is counted as two halves (split at a sequence boundary when the trace has
-    sequences), whose sum is the profile; the halves give the stability figures.
+    The stability figures compare the two halves of the trace (``Trace.split(0.5)``: at a
+    sequence boundary when the trace has sequences).
 
     Args:
         trace: the routing trace.
@@ -312,21 +324,15 @@ def profile_trace(
         progress: called with the number of tokens counted after each chunk.
     """
     chunk = chunk_tokens or chunk_tokens_for(trace.num_layers, trace.num_experts, trace.top_k)
-    cut = half_cut(trace.num_tokens, trace.seq_lens)
-    bounds = [(0, trace.num_tokens)] if cut is None else [(0, cut), (cut, trace.num_tokens)]
-    counted = []
-    for start, stop in bounds:
-        counter = RoutingCounter(trace.num_layers, trace.num_experts, trace.top_k)
-        for lo in range(start, stop, chunk):
-            ids = trace.topk_ids[lo:min(lo + chunk, stop)]
-            counter.add(ids)
-            if progress is not None:
-                progress(ids.shape[0])
-        counted.append(counter.arrays())
+    counter = RoutingCounter(trace.num_layers, trace.num_experts, trace.top_k,
+                             cut=half_cut(trace.num_tokens, trace.seq_lens))
+    for ids in trace.chunks(chunk):
+        counter.add(ids)
+        if progress is not None:
+            progress(ids.shape[0])
     provenance = [{"source": trace.source, "selection": trace.selection,
                    "tokens": trace.num_tokens}]
-    return profile_halves(counted[0], counted[1] if len(counted) == 2 else None, trace.top_k,
-                          trace.num_tokens, provenance, trace.source)
+    return counter.profile(provenance, trace.source)
 
 
 def profiles_by_label(trace: Trace, label: str) -> list[Profile]:

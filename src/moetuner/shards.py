@@ -24,7 +24,6 @@ from moetuner.profile import (
     RoutingCounter,
     chunk_tokens_for,
     half_cut,
-    profile_halves,
 )
 from moetuner.trace import Trace, select_sequences, validate_sequences
 
@@ -179,33 +178,24 @@ def _profile_rows(
         units = seq_lens.astype(np.int64)
         kept_lens = units if keep is None else units[keep]
     kept_tokens = tokens if kept_lens is None else int(kept_lens.sum())
-    cut = half_cut(kept_tokens, kept_lens)
-    experts = num_experts or 1
-    counters = [RoutingCounter(layers, experts, k) for _ in range(1 if cut is None else 2)]
+    counter = RoutingCounter(layers, num_experts or 1, k, cut=half_cut(kept_tokens, kept_lens))
     ends = np.cumsum(units)
-    first_unit, done, counted = 0, 0, 0
+    first_unit, done = 0, 0
     while first_unit < len(units):
         stop_unit = max(first_unit + 1, int(np.searchsorted(ends, done + chunk, side="right")))
         rows = read_rows(int(ends[stop_unit - 1]) - done)
         if num_experts is None and rows.size:  # E = largest id + 1, as load_trace infers it
-            experts = max(experts, int(rows.max()) + 1)
-        if not _ids_valid(rows, experts):
-            Trace(topk_ids=rows, num_experts=experts, source=source)  # raises, saying why
+            counter.grow(int(rows.max()) + 1)
+        if not _ids_valid(rows, counter.E):
+            Trace(topk_ids=rows, num_experts=counter.E, source=source)  # raises, saying why
         if keep is not None:
             rows = rows[np.repeat(keep[first_unit:stop_unit], units[first_unit:stop_unit])]
-        split = len(rows) if cut is None else min(max(cut - counted, 0), len(rows))
-        for counter, part in zip(counters, (rows[:split], rows[split:]), strict=False):
-            counter.grow(experts)
-            counter.add(part)
+        counter.add(rows)
         if progress is not None:
             progress(int(ends[stop_unit - 1]) - done)
-        done, counted, first_unit = int(ends[stop_unit - 1]), counted + len(rows), stop_unit
-    for counter in counters:
-        counter.grow(experts)
-    arrays = [counter.arrays() for counter in counters]
+        done, first_unit = int(ends[stop_unit - 1]), stop_unit
     provenance = [{"source": source, "selection": selection, "tokens": kept_tokens}]
-    return profile_halves(arrays[0], arrays[1] if len(arrays) == 2 else None, k, kept_tokens,
-                          provenance, source)
+    return counter.profile(provenance, source)
 
 
 def pad_experts(profile: Profile, num_experts: int) -> Profile:
