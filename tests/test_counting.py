@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_trace
-from moetuner.profile import profile_trace
+from moetuner.profile import _correlation_rows, profile_trace
 from moetuner.trace import Trace
 
 
@@ -35,14 +35,25 @@ def test_compiled_counting_equals_bincount(tokens, layers, experts, data):
     k = data.draw(st.integers(1, min(experts, 9)))
     dtype = data.draw(st.sampled_from([np.uint8, np.int32, np.int64]))
     seed = data.draw(st.integers(0, 2**31))
-    trace = random_trace(np.random.default_rng(seed), tokens, layers, experts, k)
+    sequences = data.draw(st.sampled_from([None, 1, 5]))
+    trace = random_trace(np.random.default_rng(seed), tokens, layers, experts, k, sequences)
     ids = trace.topk_ids.astype(dtype)
-    profile = profile_trace(Trace(topk_ids=ids, num_experts=experts),
-                            chunk_tokens=data.draw(st.integers(1, 100)))
+    trace = Trace(topk_ids=ids, num_experts=experts, seq_lens=trace.seq_lens)
+    profile = profile_trace(trace, chunk_tokens=data.draw(st.integers(1, 100)))
     for name, expected in reference_counts(ids, experts).items():
         got = getattr(profile, name)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, expected, err_msg=name)
+    if tokens > 1:  # stability: the two halves of Trace.split, each counted on its own
+        first, second = (reference_counts(half.topk_ids, experts) for half in trace.split())
+        np.testing.assert_array_equal(profile.stability_load,
+                                      _correlation_rows(first["load"], second["load"]))
+        if layers > 1:
+            np.testing.assert_array_equal(
+                profile.stability_transitions,
+                _correlation_rows(first["transitions"], second["transitions"]))
+    else:
+        assert profile.stability_load is None
 
 
 def test_skewed_counts_equal_bincount():

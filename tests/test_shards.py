@@ -17,7 +17,7 @@ from moetuner.inputs import (
     read_profile,
     read_trace,
 )
-from moetuner.profile import load_profile, profile_trace
+from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import stream_canonical_profile, sum_profiles
 from moetuner.trace import Trace, load_trace
 
@@ -178,3 +178,12 @@ def test_sum_pads_experts_a_shard_never_saw(tiny_trace):
     assert total.num_experts == 4 and total.tokens == 4
     np.testing.assert_array_equal(total.load, [[3, 3, 1, 1], [2, 2, 2, 2]])
     assert total.coactivation[0, 0, 1] == 3 and total.transitions[0, 1, 0] == 2
+
+
+def test_sum_with_a_loads_only_profile_and_mismatches(tiny_trace):
+    loads = Profile.from_load(np.full((2, 4), 0.5), top_k=2)
+    total = sum_profiles([profile_trace(tiny_trace), loads])
+    assert total.transitions is None and total.coactivation is None and total.tokens == 4
+    np.testing.assert_array_equal(total.load, [[2.5, 2.5, 1.5, 1.5], [1.5, 1.5, 2.5, 2.5]])
+    with pytest.raises(InputError, match="2 layers and k = 2"):
+        sum_profiles([profile_trace(tiny_trace), Profile.from_load(np.ones((3, 4)), top_k=2)])

@@ -20,6 +20,7 @@ import numpy as np
 from moetuner.errors import InputError
 from moetuner.io import open_npz
 from moetuner.profile import (
+    _COUNT_FIELDS,
     Profile,
     RoutingCounter,
     chunk_tokens_for,
@@ -198,34 +199,51 @@ def _profile_rows(
     return counter.profile(provenance, source)
 
 
-def pad_experts(profile: Profile, num_experts: int) -> Profile:
-    """``profile`` with zero counts for experts ``[profile.num_experts, num_experts)``: shards
-    whose E is inferred from their largest id can then be added."""
-    extra = num_experts - profile.num_experts
-    if extra <= 0:
-        return profile
-    padded = {"load": np.pad(profile.load, ((0, 0), (0, extra)))}
-    for name in ("transitions", "transitions_top1", "coactivation"):
-        counts = getattr(profile, name)
-        padded[name] = None if counts is None else np.pad(counts, ((0, 0), (0, extra),
-                                                                  (0, extra)))
-    return Profile(**padded, top_k=profile.top_k, tokens=profile.tokens,
-                   stability_load=profile.stability_load,
-                   stability_transitions=profile.stability_transitions,
-                   provenance=profile.provenance, source=profile.source)
-
-
 def sum_profiles(profiles: Iterable[Profile]) -> Profile:
     """The reduce of shard profiling: counts add (over the largest E), provenance concatenates;
-    one profile is returned as it is (its stability figures kept). Folds as the profiles
-    come, so a generator of shard profiles holds two at a time, not one per shard."""
-    total = None
-    for profile in profiles:
-        if total is None:
-            total = profile
-            continue
-        experts = max(total.num_experts, profile.num_experts)
-        total = pad_experts(total, experts) + pad_experts(profile, experts)
-    if total is None:
+    one profile is returned as it is (its stability figures kept).
+
+    Adds in place into one set of count arrays as the profiles come, so a generator of shard
+    profiles holds the sum and one shard's profile at a time, whatever the shard count.
+    """
+    profiles = iter(profiles)
+    first = next(profiles, None)
+    if first is None:
         raise InputError("<shards>", "shards", "at least one trace or profile")
-    return total
+    counts, provenance, tokens, sources = None, list(first.provenance), first.tokens, [
+        first.source]
+    for profile in profiles:
+        if counts is None:
+            counts = {name: None if getattr(first, name) is None else
+                      getattr(first, name).copy() for name in _COUNT_FIELDS}
+        if profile.num_layers != first.num_layers or profile.top_k != first.top_k:
+            raise InputError(profile.source, "load",
+                             f"{first.num_layers} layers and k = {first.top_k} to add to "
+                             f"{first.source}",
+                             f"{profile.num_layers} layers, k = {profile.top_k}")
+        experts = max(counts["load"].shape[1], profile.num_experts)
+        for name in _COUNT_FIELDS:
+            if counts[name] is None or getattr(profile, name) is None:
+                counts[name] = None
+                continue
+            added = getattr(profile, name)
+            grown = _pad(counts[name], experts)
+            if not np.can_cast(added.dtype, grown.dtype):  # float loads into int counts
+                grown = grown.astype(np.result_type(grown, added))
+            grown[(slice(None),) + (slice(0, profile.num_experts),) * (added.ndim - 1)] += added
+            counts[name] = grown
+        provenance += profile.provenance
+        tokens += profile.tokens
+        sources.append(profile.source)
+        del profile  # not held while the next shard is profiled
+    if counts is None:
+        return first
+    return Profile(**counts, top_k=first.top_k, tokens=tokens, provenance=provenance,
+                   source=" + ".join(sources))
+
+
+def _pad(counts: np.ndarray, num_experts: int) -> np.ndarray:
+    """``counts [L, E]`` or ``[L, E, E]`` with zero rows/columns up to ``num_experts``."""
+    extra = num_experts - counts.shape[1]
+    return counts if extra <= 0 else np.pad(counts, [(0, 0)] + [(0, extra)] *
+                                            (counts.ndim - 1))
