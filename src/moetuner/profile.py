@@ -185,7 +185,7 @@ def _count_chunk(ids: np.ndarray, load: np.ndarray, transitions: np.ndarray,
                  transitions_top1: np.ndarray, coactivation_upper: np.ndarray) -> None:
     """Add one chunk ``ids [t, L, k]`` to the int64 counts ``load [L, E]``, ``transitions``
     and ``transitions_top1 [L-1, E, E]`` and ``coactivation_upper [L, E, E]`` (column a < b
-    pairs only; ``RoutingCounter.arrays`` makes it symmetric).
+    pairs only; ``RoutingCounter.profile`` makes it symmetric).
 
     Layers are the outer loop and the k x k pairs of one layer go to an int32 ``[E, E]``
     scratch table first (a chunk's counts fit int32): one hot table of 256 KB for E = 256
@@ -258,7 +258,7 @@ class RoutingCounter:
         self.E = num_experts
 
     def add(self, ids: np.ndarray) -> None:
-        """Count the next chunk ``ids [t, L, k]`` (ids in ``[0, E)``, checked by ``Trace``)."""
+        """Count the next chunk ``ids [t, L, k]`` (ids in ``[0, E)``, as ``Trace`` checks)."""
         if self.cut is not None and self.first_half is None \
                 and self.counted + len(ids) >= self.cut:
             split = self.cut - self.counted

@@ -10,6 +10,7 @@ stability figures included.
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -210,16 +211,19 @@ def sum_profiles(profiles: Iterable[Profile]) -> Profile:
     first = next(profiles, None)
     if first is None:
         raise InputError("<shards>", "shards", "at least one trace or profile")
-    counts, provenance, tokens, sources = None, list(first.provenance), first.tokens, [
-        first.source]
-    for profile in profiles:
-        if counts is None:
-            counts = {name: None if getattr(first, name) is None else
-                      getattr(first, name).copy() for name in _COUNT_FIELDS}
-        if profile.num_layers != first.num_layers or profile.top_k != first.top_k:
+    second = next(profiles, None)
+    if second is None:
+        return first
+    layers, top_k, first_source = first.num_layers, first.top_k, first.source
+    counts = {name: None if getattr(first, name) is None else getattr(first, name).copy()
+              for name in _COUNT_FIELDS}
+    provenance, tokens, sources = list(first.provenance), first.tokens, [first.source]
+    rest = itertools.chain([second], profiles)
+    del first, second  # only the running sum is held while the next shards are profiled
+    for profile in rest:
+        if profile.num_layers != layers or profile.top_k != top_k:
             raise InputError(profile.source, "load",
-                             f"{first.num_layers} layers and k = {first.top_k} to add to "
-                             f"{first.source}",
+                             f"{layers} layers and k = {top_k} to add to {first_source}",
                              f"{profile.num_layers} layers, k = {profile.top_k}")
         experts = max(counts["load"].shape[1], profile.num_experts)
         for name in _COUNT_FIELDS:
@@ -236,9 +240,7 @@ def sum_profiles(profiles: Iterable[Profile]) -> Profile:
         tokens += profile.tokens
         sources.append(profile.source)
         del profile  # not held while the next shard is profiled
-    if counts is None:
-        return first
-    return Profile(**counts, top_k=first.top_k, tokens=tokens, provenance=provenance,
+    return Profile(**counts, top_k=top_k, tokens=tokens, provenance=provenance,
                    source=" + ".join(sources))
 
 
