@@ -187,3 +187,26 @@ def test_sum_with_a_loads_only_profile_and_mismatches(tiny_trace):
     np.testing.assert_array_equal(total.load, [[2.5, 2.5, 1.5, 1.5], [1.5, 1.5, 2.5, 2.5]])
     with pytest.raises(InputError, match="2 layers and k = 2"):
         sum_profiles([profile_trace(tiny_trace), Profile.from_load(np.ones((3, 4)), top_k=2)])
+
+
+@pytest.mark.parametrize("layout", ["dir", "npz"])
+def test_vllm_requests_stream(tmp_path, whole, layout):
+    requests = requests_of(whole, 0, 40) + [np.zeros((0, 4, 3), np.int64)]
+    if layout == "dir":
+        path = tmp_path / "routed"
+        path.mkdir()
+        for i, a in enumerate(requests):
+            np.save(path / f"r{i:02d}.npy", a)
+    else:
+        path = tmp_path / "routed.npz"
+        np.savez(path, **{f"r{i:02d}": a for i, a in enumerate(requests)})
+    for selection in ((), ["seq_request=r0*|r3?"]):
+        expected = profile_trace(read_trace(path, selection))
+        for chunk in (1, 25, 1000):
+            reads = []
+            streamed = profile_shard(path, selection, chunk_tokens=chunk, progress=reads.append)
+            assert_same_counts(streamed, expected)
+            np.testing.assert_array_equal(streamed.stability_transitions,
+                                          expected.stability_transitions)
+            assert streamed.provenance == expected.provenance
+            assert sum(reads) == whole.num_tokens

@@ -27,6 +27,7 @@ from moetuner.shards import (
     npz_ids_shape,
     stream_canonical_profile,
     stream_exflow_profile,
+    stream_vllm_profile,
     sum_profiles,
 )
 from moetuner.trace import Trace, load_trace
@@ -171,6 +172,8 @@ def profile_shard(
         return stream_canonical_profile(path, select, drop, chunk_tokens, progress)
     if readers.is_exflow(path):
         return stream_exflow_profile(path, select, drop, chunk_tokens, progress)
+    if readers.is_vllm_dir(path) or readers.is_vllm_npz(path):
+        return stream_vllm_profile(path, select, drop, chunk_tokens, progress)
     if is_trace(path):
         return profile_trace(_read_trace_file(path, select, drop), chunk_tokens, progress)
     if select or drop:

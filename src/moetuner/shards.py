@@ -73,6 +73,14 @@ def npz_ids_shape(path: Path) -> tuple[int, ...] | None:
         return None
 
 
+def _npy_file_header(path: Path) -> np.ndarray:
+    """The memory-mapped ``.npy`` at ``path`` (its shape and dtype, no data read)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", "a numpy .npy array", exc) from None
+
+
 def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowReader, Callable]:
     """A sequential row reader over ``topk_ids`` in the zip, and the function closing it."""
     archive = zipfile.ZipFile(path)
@@ -142,6 +150,66 @@ def stream_exflow_profile(
 
     return _profile_rows(read_rows, (*ids.shape, 1), None, {}, None, select, drop, str(path),
                          chunk_tokens, progress)
+
+
+def stream_vllm_profile(
+    path: Path,
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    chunk_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """Profile vLLM ``routed_experts [seq_len, layers, topk]`` requests (a directory of
+    ``.npy`` or one ``.npz``) a chunk of requests at a time, as ``read_trace`` +
+    ``profile_trace`` would (one sequence per request, label ``seq_request``)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        names = [f.stem for f in files]
+        headers = [_npy_file_header(f) for f in files]
+        shapes, dtypes = [h.shape for h in headers], [h.dtype for h in headers]
+        del headers
+
+        def request(index: int) -> np.ndarray:
+            return np.load(files[index], allow_pickle=False)
+    else:
+        archive = zipfile.ZipFile(path)
+        names = [member.removesuffix(".npy") for member in archive.namelist()]
+        shapes, _, dtypes = zip(*(_npy_member_header(archive, f"{name}.npy")
+                                  for name in names), strict=True)
+
+        def request(index: int) -> np.ndarray:
+            with archive.open(f"{names[index]}.npy") as handle:
+                return np.lib.format.read_array(handle, allow_pickle=False)
+    if not names:
+        raise InputError(path, "routed_experts", "at least one request")
+    for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
+        if len(shape) != 3 or not np.issubdtype(dtype, np.integer):
+            raise InputError(path, f"routed_experts[{name}]",
+                             "an integer array [seq_len, layers, topk]", f"{dtype} {list(shape)}")
+        if shape[1:] != shapes[0][1:]:
+            raise InputError(path, f"routed_experts[{name}]",
+                             f"[seq_len, {shapes[0][1]}, {shapes[0][2]}] as the first request",
+                             list(shape))
+    seq_lens = np.array([shape[0] for shape in shapes], dtype=np.int64)
+    ends = np.cumsum(seq_lens)
+    next_request = 0
+
+    def read_rows(n: int) -> np.ndarray:  # n rows = the next whole requests
+        nonlocal next_request
+        done = int(ends[next_request - 1]) if next_request else 0
+        stop = int(np.searchsorted(ends, done + n, side="right"))
+        rows = [request(index) for index in range(next_request, stop)]
+        next_request = stop
+        # empty requests may already be read with the one before them
+        return np.concatenate(rows) if rows else np.zeros((0, *shapes[0][1:]), np.int64)
+
+    try:
+        return _profile_rows(read_rows, (int(seq_lens.sum()), *shapes[0][1:]), seq_lens,
+                             {"seq_request": np.array(names)}, None, select, drop, str(path),
+                             chunk_tokens, progress)
+    finally:
+        if not path.is_dir():
+            archive.close()
 
 
 def _profile_rows(
