@@ -210,3 +210,14 @@ def test_vllm_requests_stream(tmp_path, whole, layout):
                                           expected.stability_transitions)
             assert streamed.provenance == expected.provenance
             assert sum(reads) == whole.num_tokens
+
+
+def test_corrupt_stream_is_an_input_error(tmp_path, whole):
+    path = tmp_path / "t.npz"
+    whole.save(path)  # deflated
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="t.npz"):
+        profile_shard(path, chunk_tokens=16)

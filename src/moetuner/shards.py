@@ -1,17 +1,19 @@
 """Streaming profiles of trace files too large for memory, and the sum of shard profiles.
 
-A canonical ``.npz`` trace (``topk_ids [tokens, layers, k]``) or an ExFlow ``.npy``
-(``[tokens, layers]``) is read a chunk of rows at a time: the small per-sequence arrays
-(``seq_lens``, ``seq_*`` labels) are read first, the selection is decided from them, then the
-ids stream past the counter. Memory holds one chunk of ids and the count arrays, whatever the
-file's length. The result equals ``profile_trace`` of the whole file read into memory,
-stability figures included.
+A canonical ``.npz`` trace (``topk_ids [tokens, layers, k]``), an ExFlow ``.npy``
+(``[tokens, layers]``) or vLLM requests (a directory of ``.npy`` or one ``.npz``) are read a
+chunk of rows at a time: the small per-sequence arrays (``seq_lens``, ``seq_*`` labels, or
+the requests' lengths from their headers) are read first, the selection is decided from
+them, then the ids stream past the counter. Memory holds one chunk of ids and the count
+arrays, whatever the file's length. The result equals ``profile_trace`` of the whole file
+read into memory, stability figures included.
 """
 
 from __future__ import annotations
 
 import itertools
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def _npy_file_header(path: Path) -> np.ndarray:
     """The memory-mapped ``.npy`` at ``path`` (its shape and dtype, no data read)."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise InputError(path, "file", "a numpy .npy array", exc) from None
 
 
@@ -91,7 +93,10 @@ def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowR
     row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
 
     def read_rows(n: int) -> np.ndarray:
-        data = handle.read(n * row_bytes)
+        try:
+            data = handle.read(n * row_bytes)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError(path, "topk_ids", "a readable array", exc) from None
         if len(data) != n * row_bytes:
             raise InputError(path, "topk_ids", f"{shape[0]} rows", "a truncated array")
         return np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
