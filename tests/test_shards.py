@@ -16,6 +16,7 @@ from moetuner.inputs import (
     profile_shards,
     read_profile,
     read_trace,
+    shard_tokens,
 )
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import stream_canonical_profile, sum_profiles
@@ -221,3 +222,11 @@ def test_corrupt_stream_is_an_input_error(tmp_path, whole):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match="t.npz"):
         profile_shard(path, chunk_tokens=16)
+
+
+def test_progress_total_from_headers(tmp_path, whole):
+    write_mixed_shards(whole, tmp_path / "shards")
+    sizes = {shard.name: shard_tokens(shard) for shard in expand_shards(tmp_path / "shards")}
+    tens = [int(whole.seq_lens[i:i + 10].sum()) for i in (0, 10, 20, 30)]
+    assert sizes == {"a_canonical.npz": tens[0], "b_vllm.npz": tens[1],
+                     "c_vllm.jsonl": None, "d_requests": tens[3]}

@@ -29,6 +29,7 @@ from moetuner.shards import (
     stream_exflow_profile,
     stream_vllm_profile,
     sum_profiles,
+    vllm_requests,
 )
 from moetuner.trace import Trace, load_trace
 
@@ -186,11 +187,15 @@ def profile_shard(
 
 
 def shard_tokens(path: Path) -> int | None:
-    """Tokens in a shard when its header says so (canonical ``.npz``, ExFlow ``.npy``), else
-    None; sizes a progress bar without reading the data."""
+    """Tokens in a shard when its headers say so (canonical ``.npz``, ExFlow ``.npy``, vLLM
+    requests), else None; sizes a progress bar without reading the data."""
     shape = npz_ids_shape(path)
     if shape is None and readers.is_exflow(path):
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    if shape is None and (readers.is_vllm_dir(path) or readers.is_vllm_npz(path)):
+        _, shapes, _, _, close = vllm_requests(path)
+        close()
+        return sum(int(request_shape[0]) for request_shape in shapes)
     return None if shape is None else int(shape[0])
 
 

@@ -157,6 +157,31 @@ def stream_exflow_profile(
                          chunk_tokens, progress)
 
 
+def vllm_requests(path: Path) -> tuple[list[str], list[tuple[int, ...]], list[np.dtype],
+                                       Callable[[int], np.ndarray], Callable[[], None]]:
+    """The requests of a vLLM directory of ``.npy`` or ``.npz``, from their headers: names,
+    shapes and dtypes, a function reading request i, and one closing the file."""
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        headers = [_npy_file_header(f) for f in files]
+
+        def request(index: int) -> np.ndarray:
+            return np.load(files[index], allow_pickle=False)
+
+        return ([f.stem for f in files], [h.shape for h in headers],
+                [h.dtype for h in headers], request, lambda: None)
+    archive = zipfile.ZipFile(path)
+    names = [member.removesuffix(".npy") for member in archive.namelist()]
+    headers = [_npy_member_header(archive, f"{name}.npy") for name in names]
+
+    def read_member(index: int) -> np.ndarray:
+        with archive.open(f"{names[index]}.npy") as handle:
+            return np.lib.format.read_array(handle, allow_pickle=False)
+
+    return (names, [h[0] for h in headers], [h[2] for h in headers], read_member,
+            archive.close)
+
+
 def stream_vllm_profile(
     path: Path,
     select: Sequence[str] = (),
@@ -167,24 +192,27 @@ def stream_vllm_profile(
     """Profile vLLM ``routed_experts [seq_len, layers, topk]`` requests (a directory of
     ``.npy`` or one ``.npz``) a chunk of requests at a time, as ``read_trace`` +
     ``profile_trace`` would (one sequence per request, label ``seq_request``)."""
-    if path.is_dir():
-        files = sorted(path.glob("*.npy"))
-        names = [f.stem for f in files]
-        headers = [_npy_file_header(f) for f in files]
-        shapes, dtypes = [h.shape for h in headers], [h.dtype for h in headers]
-        del headers
+    names, shapes, dtypes, request, close = vllm_requests(path)
+    try:
+        return _profile_requests(path, names, shapes, dtypes, request, select, drop,
+                                 chunk_tokens, progress)
+    finally:
+        close()
 
-        def request(index: int) -> np.ndarray:
-            return np.load(files[index], allow_pickle=False)
-    else:
-        archive = zipfile.ZipFile(path)
-        names = [member.removesuffix(".npy") for member in archive.namelist()]
-        shapes, _, dtypes = zip(*(_npy_member_header(archive, f"{name}.npy")
-                                  for name in names), strict=True)
 
-        def request(index: int) -> np.ndarray:
-            with archive.open(f"{names[index]}.npy") as handle:
-                return np.lib.format.read_array(handle, allow_pickle=False)
+def _profile_requests(
+    path: Path,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    dtypes: list[np.dtype],
+    request: Callable[[int], np.ndarray],
+    select: Sequence[str],
+    drop: Sequence[str],
+    chunk_tokens: int | None,
+    progress: Callable[[int], None] | None,
+) -> Profile:
+    """Check the requests' headers as ``readers`` checks the arrays, then count them in
+    order through ``_profile_rows`` (E = the largest id + 1, as ``read_trace`` infers it)."""
     if not names:
         raise InputError(path, "routed_experts", "at least one request")
     for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
@@ -208,13 +236,9 @@ def stream_vllm_profile(
         # empty requests may already be read with the one before them
         return np.concatenate(rows) if rows else np.zeros((0, *shapes[0][1:]), np.int64)
 
-    try:
-        return _profile_rows(read_rows, (int(seq_lens.sum()), *shapes[0][1:]), seq_lens,
-                             {"seq_request": np.array(names)}, None, select, drop, str(path),
-                             chunk_tokens, progress)
-    finally:
-        if not path.is_dir():
-            archive.close()
+    return _profile_rows(read_rows, (int(seq_lens.sum()), *shapes[0][1:]), seq_lens,
+                         {"seq_request": np.array(names)}, None, select, drop, str(path),
+                         chunk_tokens, progress)
 
 
 def _profile_rows(
