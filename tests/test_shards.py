@@ -230,3 +230,9 @@ def test_progress_total_from_headers(tmp_path, whole):
     tens = [int(whole.seq_lens[i:i + 10].sum()) for i in (0, 10, 20, 30)]
     assert sizes == {"a_canonical.npz": tens[0], "b_vllm.npz": tens[1],
                      "c_vllm.jsonl": None, "d_requests": tens[3]}
+
+
+def test_big_endian_ids_stream(tmp_path, whole):
+    path = tmp_path / "be.npz"
+    np.savez(path, topk_ids=whole.topk_ids.astype(">i4"), seq_lens=whole.seq_lens)
+    assert_same_counts(profile_shard(path, chunk_tokens=50), profile_trace(whole))

@@ -222,6 +222,12 @@ def _flush(scratch: np.ndarray, counts: np.ndarray) -> None:
             scratch[i, j] = 0
 
 
+def native_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` C-contiguous in native byte order, as the compiled counters take them (a
+    big-endian ``.npz`` array would not compile); no copy when it already is."""
+    return np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("="))
+
+
 class RoutingCounter:
     """Accumulates the four count arrays of a stream of ``[tokens, L, k]`` id chunks.
 
@@ -268,7 +274,7 @@ class RoutingCounter:
         self._count(ids)
 
     def _count(self, ids: np.ndarray) -> None:
-        _count_chunk(np.ascontiguousarray(ids), self.load, self.transitions,
+        _count_chunk(native_ids(ids), self.load, self.transitions,
                      self.transitions_top1, self.coactivation_upper)
         self.counted += len(ids)
 

@@ -28,6 +28,7 @@ from moetuner.profile import (
     RoutingCounter,
     chunk_tokens_for,
     half_cut,
+    native_ids,
 )
 from moetuner.trace import Trace, select_sequences, validate_sequences
 
@@ -285,6 +286,7 @@ def _profile_rows(
         rows = read_rows(int(ends[stop_unit - 1]) - done)
         if num_experts is None and rows.size:  # E = largest id + 1, as load_trace infers it
             counter.grow(int(rows.max()) + 1)
+        rows = native_ids(rows)
         if not _ids_valid(rows, counter.E):
             Trace(topk_ids=rows, num_experts=counter.E, source=source)  # raises, saying why
         if keep is not None:
