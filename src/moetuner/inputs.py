@@ -2,12 +2,20 @@
 
 ``read_trace`` and ``read_profile`` dispatch on the file's content; a reader for a new format
 (an engine's dump, say) is one more entry in ``TRACE_READERS`` or ``PROFILE_READERS``.
+
+Every trace argument may also name shards: a directory (its entries, sorted by name) or a
+glob (``'dumps/*.npz'``), in any mix of readable formats. ``read_profile`` profiles them one
+shard at a time (``profile_shard``, the map) and adds the profiles (``sum_profiles``, the
+reduce), streaming canonical ``.npz`` and ExFlow ``.npy`` shards chunk by chunk; ``read_trace``
+concatenates them, since evaluation replays a whole trace in memory.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +23,14 @@ import numpy as np
 from moetuner import readers
 from moetuner.errors import InputError
 from moetuner.profile import Profile, load_profile, profile_trace
+from moetuner.shards import (
+    npz_ids_shape,
+    stream_canonical_profile,
+    stream_exflow_profile,
+    stream_vllm_profile,
+    sum_profiles,
+    vllm_requests,
+)
 from moetuner.trace import Trace, load_trace
 
 # (matches(path), read(path, select, drop)) pairs, tried in order.
@@ -48,10 +64,45 @@ PROFILE_READERS: list[ProfileReader] = [
 ]
 
 
+def expand_shards(path: str | os.PathLike) -> list[Path]:
+    """The shards a trace argument names, in order.
+
+    A path that does not exist but holds ``*``, ``?`` or ``[`` is a glob (its sorted
+    matches); a directory other than a vLLM request directory (``*.npy`` per request) stands
+    for its sorted entries, hidden ones skipped; matches and entries that are such
+    directories expand in turn. Anything else is one shard.
+    """
+    text, path = str(path), Path(path)
+    if not path.exists() and any(char in text for char in "*?["):
+        matches = sorted(glob.glob(text))
+        if not matches:
+            raise InputError(text, "file", "a glob matching trace shards", "no match")
+    elif path.is_dir() and not readers.is_vllm_dir(path):
+        matches = sorted(str(entry) for entry in path.iterdir()
+                         if not entry.name.startswith("."))
+        if not matches:
+            raise InputError(path, "file", "a directory of trace shards", "an empty directory")
+    else:
+        return [path]
+    return [shard for match in matches for shard in expand_shards(match)]
+
+
+def _is_shard_list(path: str | os.PathLike, shards: list[Path]) -> bool:
+    return shards != [Path(path)]
+
+
 def read_trace(path: str | os.PathLike, select: Sequence[str] = (), drop: Sequence[str] = ()
                ) -> Trace:
-    """Read a per-token routing trace from any supported file."""
-    path = Path(path)
+    """Read a per-token routing trace from any supported file, or concatenate the shards of
+    a directory or glob (in memory: use ``read_profile`` to stream)."""
+    shards = expand_shards(path)
+    if _is_shard_list(path, shards):
+        return concat_traces([_read_trace_file(shard, select, drop) for shard in shards],
+                             str(path))
+    return _read_trace_file(Path(path), select, drop)
+
+
+def _read_trace_file(path: Path, select: Sequence[str], drop: Sequence[str]) -> Trace:
     if not path.exists():
         raise InputError(path, "file", "an existing trace file")
     for matches, read in TRACE_READERS:
@@ -61,9 +112,36 @@ def read_trace(path: str | os.PathLike, select: Sequence[str] = (), drop: Sequen
                      "[tokens, layers, k], or an engine dump moetuner reads)")
 
 
+def concat_traces(traces: Sequence[Trace], source: str) -> Trace:
+    """One trace of the shards' tokens in order. E is the largest shard's; weights and
+    sequences are kept when every shard has them, labels when every shard has that label."""
+    first = traces[0]
+    for trace in traces[1:]:
+        if trace.topk_ids.shape[1:] != first.topk_ids.shape[1:]:
+            raise InputError(trace.source, "topk_ids",
+                             f"[tokens, {first.num_layers}, {first.top_k}] as {first.source}",
+                             list(trace.topk_ids.shape))
+
+    def together(name: str) -> np.ndarray | None:
+        parts = [getattr(trace, name) for trace in traces]
+        return None if any(part is None for part in parts) else np.concatenate(parts)
+
+    seq_lens = together("seq_lens")
+    shared = set.intersection(*(set(trace.seq_labels) for trace in traces))
+    labels = {} if seq_lens is None else {
+        name: np.concatenate([trace.seq_labels[name] for trace in traces])
+        for name in sorted(shared)}
+    return Trace(topk_ids=np.concatenate([trace.topk_ids for trace in traces]),
+                 num_experts=max(trace.num_experts for trace in traces),
+                 topk_weights=together("topk_weights"), seq_lens=seq_lens, seq_labels=labels,
+                 source=source, selection=first.selection)
+
+
 def is_trace(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a per-token trace (rather than a profile)."""
-    return any(matches(Path(path)) for matches, _ in TRACE_READERS)
+    """Whether ``path`` holds a per-token trace (rather than a profile); for shards, whether
+    every shard does."""
+    return all(any(matches(shard) for matches, _ in TRACE_READERS)
+               for shard in expand_shards(path))
 
 
 def read_profile(
@@ -71,12 +149,34 @@ def read_profile(
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
 ) -> Profile:
-    """Read a profile, or profile a trace on the fly (selection applies to traces only)."""
+    """Read a profile, or profile a trace on the fly (selection applies to traces only);
+    the shards of a directory or glob are profiled one by one and added."""
+    return profile_shards(expand_shards(path), select, drop)
+
+
+def profile_shard(
+    path: str | os.PathLike,
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    chunk_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """The profile of ONE shard (a trace, streamed when its format allows, or a profile).
+
+    A top-level function of picklable arguments: the map step that a process pool or Ray
+    runs per shard; ``sum_profiles`` is the reduce. ``progress`` receives tokens read.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file", "an existing trace or profile file")
+    if "topk_ids" in npz_keys(path):
+        return stream_canonical_profile(path, select, drop, chunk_tokens, progress)
+    if readers.is_exflow(path):
+        return stream_exflow_profile(path, select, drop, chunk_tokens, progress)
+    if readers.is_vllm_dir(path) or readers.is_vllm_npz(path):
+        return stream_vllm_profile(path, select, drop, chunk_tokens, progress)
     if is_trace(path):
-        return profile_trace(read_trace(path, select, drop))
+        return profile_trace(_read_trace_file(path, select, drop), chunk_tokens, progress)
     if select or drop:
         raise InputError(path, "--select/--drop", "a per-token trace (a profile has no sequences)")
     for matches, read in PROFILE_READERS:
@@ -84,3 +184,52 @@ def read_profile(
             return read(path)
     raise InputError(path, "file", "a routing profile (.npz with load [layers, experts]) or a "
                      "trace")
+
+
+def shard_tokens(path: Path) -> int | None:
+    """Tokens in a shard when its headers say so (canonical ``.npz``, ExFlow ``.npy``, vLLM
+    requests), else None; sizes a progress bar without reading the data."""
+    shape = npz_ids_shape(path)
+    if shape is None and readers.is_exflow(path):
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    if shape is None and (readers.is_vllm_dir(path) or readers.is_vllm_npz(path)):
+        _, shapes, _, _, close = vllm_requests(path)
+        close()
+        return sum(int(request_shape[0]) for request_shape in shapes)
+    return None if shape is None else int(shape[0])
+
+
+def profile_shards(
+    shards: Sequence[str | os.PathLike],
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> Profile:
+    """Profile shards (map: ``profile_shard``) and add the profiles (reduce: ``sum_profiles``).
+
+    Args:
+        shards: trace or profile files, e.g. ``expand_shards(directory)``.
+        select, drop: the sequence selection, applied to every trace shard.
+        workers: processes profiling shards at once (1: in this process, chunk by chunk).
+        progress: called with tokens read; per chunk with one worker, per shard otherwise.
+
+    Shard profiles are added as they arrive (in shard order), so memory holds a few
+    profiles, not one per shard.
+    """
+    if workers <= 1 or len(shards) <= 1:
+        return sum_profiles(profile_shard(shard, select, drop, progress=progress)
+                            for shard in shards)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        profiles = pool.map(profile_shard, shards, [tuple(select)] * len(shards),
+                            [tuple(drop)] * len(shards))
+        return sum_profiles(_advancing(profiles, shards, progress))
+
+
+def _advancing(profiles: Iterator[Profile], shards: Sequence[str | os.PathLike],
+               progress: Callable[[int], None] | None) -> Iterator[Profile]:
+    """``profiles`` (one per shard, in order), advancing ``progress`` by each shard's tokens."""
+    for shard, profile in zip(shards, profiles, strict=True):
+        if progress is not None:
+            progress(shard_tokens(Path(shard)) or profile.tokens)
+        yield profile

@@ -108,25 +108,10 @@ class Trace:
         ``select(["seq_dataset=mmlu*"], drop=["seq_repetition"])`` keeps MMLU sequences that
         did not fall into a repetition loop. Several selectors must all match.
         """
-        trace = self
-        for selector in selectors:
-            name, sep, pattern = selector.partition("=")
-            if not sep:
-                raise InputError(self.source, "--select", "NAME=PATTERN", repr(selector))
-            labels = trace.labels(name)
-            patterns = pattern.split("|")
-            keep = np.array(
-                [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
-                dtype=bool,
-            )
-            trace = trace.take_sequences(keep, selector)
-        for name in drop:
-            labels = trace.labels(name)
-            if labels.dtype != bool:
-                raise InputError(self.source, name, "a bool [sequences] flag to --drop",
-                                 labels.dtype)
-            trace = trace.take_sequences(~labels, f"drop {name}")
-        return trace
+        if not selectors and not drop:
+            return self
+        keep, description = select_sequences(self.seq_labels, selectors, drop, self.source)
+        return self.take_sequences(keep, description)
 
     def split(self, fraction: float = 0.5) -> tuple[Trace, Trace]:
         """Split into a first and a second part at a sequence boundary (token boundary if none).
@@ -137,9 +122,7 @@ class Trace:
         if self.seq_lens is None:
             cut = int(round(self.num_tokens * fraction))
             return self.slice_tokens(0, cut), self.slice_tokens(cut, self.num_tokens)
-        ends = np.cumsum(self.seq_lens)
-        n_first = int(np.searchsorted(ends, self.num_tokens * fraction)) + 1
-        n_first = min(max(n_first, 1), len(self.seq_lens) - 1) if len(self.seq_lens) > 1 else 1
+        n_first = first_sequences(self.seq_lens, fraction)
         keep = np.arange(len(self.seq_lens)) < n_first
         return (self.take_sequences(keep, f"sequences [0, {n_first})"),
                 self.take_sequences(~keep, f"sequences [{n_first}, end)"))
@@ -158,10 +141,7 @@ class Trace:
     def labels(self, name: str) -> np.ndarray:
         """``[sequences]`` the per-sequence label array ``name``; an InputError naming the
         labels present otherwise."""
-        if name not in self.seq_labels:
-            known = ", ".join(sorted(self.seq_labels)) or "none"
-            raise InputError(self.source, name, f"a per-sequence label array (present: {known})")
-        return self.seq_labels[name]
+        return _label(self.seq_labels, name, self.source)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the trace as a canonical ``.npz`` (atomically)."""
@@ -175,6 +155,60 @@ class Trace:
             arrays["seq_lens"] = self.seq_lens
         arrays.update(self.seq_labels)
         write_npz(path, **arrays)
+
+
+def _label(seq_labels: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
+    if name not in seq_labels:
+        known = ", ".join(sorted(seq_labels)) or "none"
+        raise InputError(source, name, f"a per-sequence label array (present: {known})")
+    return seq_labels[name]
+
+
+def select_sequences(
+    seq_labels: dict[str, np.ndarray],
+    selectors: Sequence[str],
+    drop: Sequence[str],
+    source: str,
+) -> tuple[np.ndarray, str]:
+    """The sequences ``Trace.select`` keeps, from the label arrays alone.
+
+    Args:
+        seq_labels: name -> ``[sequences]`` label array.
+        selectors: ``NAME=PATTERN`` selectors, all of which must match.
+        drop: names of bool ``[sequences]`` flags whose sequences are removed.
+        source: the file, for error messages.
+
+    Returns:
+        bool ``[sequences]`` keep mask and the readable description of the selection. A
+        streaming reader selects with it before reading any token.
+    """
+    descriptions = list(selectors) + [f"drop {name}" for name in drop]
+    keep = None
+    for selector in selectors:
+        name, sep, pattern = selector.partition("=")
+        if not sep:
+            raise InputError(source, "--select", "NAME=PATTERN", repr(selector))
+        labels = _label(seq_labels, name, source)
+        patterns = pattern.split("|")
+        match = np.array(
+            [any(fnmatch.fnmatchcase(str(v), p) for p in patterns) for v in labels.tolist()],
+            dtype=bool,
+        )
+        keep = match if keep is None else keep & match
+    for name in drop:
+        labels = _label(seq_labels, name, source)
+        if labels.dtype != bool:
+            raise InputError(source, name, "a bool [sequences] flag to --drop", labels.dtype)
+        keep = ~labels if keep is None else keep & ~labels
+    return keep, "; ".join(descriptions)
+
+
+def first_sequences(seq_lens: np.ndarray, fraction: float) -> int:
+    """How many leading sequences hold about ``fraction`` of the tokens (``Trace.split``):
+    at least one, and one fewer than all when there are several."""
+    ends = np.cumsum(seq_lens)
+    n_first = int(np.searchsorted(ends, int(ends[-1]) * fraction)) + 1 if len(ends) else 1
+    return min(max(n_first, 1), len(seq_lens) - 1) if len(seq_lens) > 1 else 1
 
 
 def _validate(trace: Trace) -> None:
@@ -206,20 +240,28 @@ def _validate(trace: Trace) -> None:
                              list(w.shape))
         if not np.isfinite(w).all():
             raise InputError(src, "topk_weights", "finite router probabilities", "NaN or inf")
-    if trace.seq_lens is not None:
-        lens = trace.seq_lens
-        if lens.ndim != 1 or not np.issubdtype(lens.dtype, np.integer) or (lens < 0).any():
-            raise InputError(src, "seq_lens", "non-negative integers [sequences]",
-                             f"{lens.dtype} {list(lens.shape)}")
-        if int(lens.sum()) != tokens:
-            raise InputError(src, "seq_lens", f"lengths summing to the {tokens} tokens",
-                             int(lens.sum()))
-        for name, labels in trace.seq_labels.items():
-            if labels.shape != lens.shape:
-                raise InputError(src, name, f"one label per sequence [{lens.shape[0]}]",
+    validate_sequences(src, tokens, trace.seq_lens, trace.seq_labels)
+
+
+def validate_sequences(source: str, tokens: int, seq_lens: np.ndarray | None,
+                       seq_labels: dict[str, np.ndarray]) -> None:
+    """Check ``seq_lens [sequences]`` and the ``[sequences]`` label arrays of a ``tokens``-token
+    trace (a streaming reader checks them before reading any token)."""
+    if seq_lens is not None:
+        if seq_lens.ndim != 1 or not np.issubdtype(seq_lens.dtype, np.integer) \
+                or (seq_lens < 0).any():
+            raise InputError(source, "seq_lens", "non-negative integers [sequences]",
+                             f"{seq_lens.dtype} {list(seq_lens.shape)}")
+        if int(seq_lens.sum()) != tokens:
+            raise InputError(source, "seq_lens", f"lengths summing to the {tokens} tokens",
+                             int(seq_lens.sum()))
+        for name, labels in seq_labels.items():
+            if labels.shape != seq_lens.shape:
+                raise InputError(source, name, f"one label per sequence [{seq_lens.shape[0]}]",
                                  list(labels.shape))
-    elif trace.seq_labels:
-        raise InputError(src, "seq_lens", "sequence lengths, since per-sequence labels are given")
+    elif seq_labels:
+        raise InputError(source, "seq_lens",
+                         "sequence lengths, since per-sequence labels are given")
 
 
 def load_trace(

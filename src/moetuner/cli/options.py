@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from moetuner.cluster import Cluster, make_cluster
-from moetuner.inputs import is_trace, read_profile, read_trace
-from moetuner.profile import Profile, profile_trace
+from moetuner.inputs import expand_shards, is_trace, profile_shards, shard_tokens
+from moetuner.profile import Profile
 
 Select = Annotated[
     list[str] | None,
@@ -39,22 +49,52 @@ def cluster_from_flags(gpus: int, nodes: int, gpu: str, intra_bw: float | None,
                         None if inter_bw is None else inter_bw * 1e9)
 
 
-def token_progress(total: int, description: str) -> tuple[Progress, Callable[[int], None]]:
-    """A rich progress bar over ``total`` tokens and the callback that advances it."""
+Workers = Annotated[int, typer.Option(
+    "--workers", help="processes profiling shards of a directory or glob at once")]
+
+
+class _Rate(ProgressColumn):
+    """Items per second, e.g. ``2,350,000 tokens/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s")
+
+
+def token_progress(total: int | None, description: str, unit: str = "tokens"
+                   ) -> tuple[Progress, Callable[[int], None]]:
+    """A rich progress bar over ``total`` items (None: unknown, no ETA) with the rate and
+    the time left, and the callback that advances it."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), transient=True)
+                        _Rate(unit), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), transient=True)
     task = progress.add_task(description, total=total)
     return progress, lambda n: progress.advance(task, n)
 
 
-def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None) -> Profile:
-    """Profile a trace with a progress bar, or read a profile file as it is."""
-    if not is_trace(path):
-        return read_profile(path, select or (), drop or ())
-    trace = read_trace(path, select or (), drop or ())
-    progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
+def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None,
+                          workers: int = 1) -> Profile:
+    """Profile a trace, profile and add the shards of a directory or glob, or read a profile
+    file as it is; a progress bar shows traces being counted."""
+    return profile_paths_with_progress([path], select, drop, workers)
+
+
+def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] | None,
+                                drop: list[str] | None, workers: int = 1) -> Profile:
+    """The sum of the profiles of every shard of ``paths``, streamed, with a progress bar
+    (tokens/s; ETA when every shard's header gives its length)."""
+    shards = [shard for path in paths for shard in expand_shards(path)]
+    if not any(is_trace(shard) for shard in shards):
+        return profile_shards(shards, select or (), drop or ())
+    sizes = [shard_tokens(shard) for shard in shards]
+    total = None if None in sizes else sum(sizes)
+    progress, advance = token_progress(total, f"profiling {len(shards)} shard(s)")
     with progress:
-        return profile_trace(trace, progress=advance)
+        return profile_shards(shards, select or (), drop or (), workers, advance)
+
 
 ModelName = Annotated[str | None, typer.Option(
     "--model", help="model preset for the cost model (default: the preset matching the trace)")]

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import functools
-import operator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from moetuner.cli import command, console
-from moetuner.cli.options import Drop, Select, profile_with_progress
+from moetuner.cli.options import Drop, Select, Workers, profile_paths_with_progress
 
 
 @command("profile")
 def profile_command(
     traces: Annotated[list[Path], typer.Argument(
-        help="routing traces (or profiles); several are profiled and summed")],
+        help="routing traces or profiles, or directories / quoted globs of shards in any "
+        "mix of formats; all are profiled (streamed) and summed")],
     output: Annotated[Path, typer.Option("-o", "--output", help="profile .npz to write")],
     select: Select = None,
     drop: Drop = None,
+    workers: Workers = 1,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
-    profiles = [profile_with_progress(str(trace), select, drop) for trace in traces]
-    profile = functools.reduce(operator.add, profiles)
+    profile = profile_paths_with_progress(traces, select, drop, workers)
     profile.save(output)
     skew = profile.skew()
     mi = profile.mutual_information()
