@@ -77,6 +77,16 @@ def test_mixed_format_shards_add_up_to_one_file(tmp_path, whole):
     assert parallel.provenance == merged.provenance
 
 
+def test_shards_profiled_as_ray_tasks_equal_the_local_run(tmp_path, whole):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    write_mixed_shards(whole, tmp_path / "shards")
+    shards = expand_shards(tmp_path / "shards")
+    on_ray = profile_shards(shards, workers=2, ray_address="local")
+    local = profile_shards(shards)
+    assert_same_counts(on_ray, local)
+    assert on_ray.provenance == local.provenance
+
+
 def test_directory_of_shards_concatenates_as_a_trace(tmp_path, whole):
     write_mixed_shards(whole, tmp_path / "shards")
     trace = read_trace(tmp_path / "shards")

@@ -12,16 +12,17 @@ concatenates them, since evaluation replays a whole trace in memory.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from moetuner import readers
 from moetuner.errors import InputError
+from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import (
     npz_ids_shape,
@@ -205,6 +206,7 @@ def profile_shards(
     drop: Sequence[str] = (),
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    ray_address: str | None = None,
 ) -> Profile:
     """Profile shards (map: ``profile_shard``) and add the profiles (reduce: ``sum_profiles``).
 
@@ -212,18 +214,19 @@ def profile_shards(
         shards: trace or profile files, e.g. ``expand_shards(directory)``.
         select, drop: the sequence selection, applied to every trace shard.
         workers: processes profiling shards at once (1: in this process, chunk by chunk).
+        ray_address: profile the shards as Ray tasks instead (``moetuner.parallel``).
         progress: called with tokens read; per chunk with one worker, per shard otherwise.
 
     Shard profiles are added as they arrive (in shard order), so memory holds a few
     profiles, not one per shard.
     """
-    if workers <= 1 or len(shards) <= 1:
+    if ray_address is None and (workers <= 1 or len(shards) <= 1):
         return sum_profiles(profile_shard(shard, select, drop, progress=progress)
                             for shard in shards)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        profiles = pool.map(profile_shard, shards, [tuple(select)] * len(shards),
-                            [tuple(drop)] * len(shards))
-        return sum_profiles(_advancing(profiles, shards, progress))
+    profiles = map_tasks(functools.partial(profile_shard, select=tuple(select),
+                                           drop=tuple(drop)),
+                         list(shards), workers=workers, ray_address=ray_address)
+    return sum_profiles(_advancing(profiles, shards, progress))
 
 
 def _advancing(profiles: Iterator[Profile], shards: Sequence[str | os.PathLike],

@@ -74,8 +74,9 @@ def _map_ray(function: Callable[[Item], Result], items: list[Item], workers: int
     refs: list[Any] = []
     done = 0
     try:
-        remote = ray.remote(num_cpus=1)(function)
-        refs = [remote.remote(item) for item in items]
+        # Ray wraps plain functions only: a partial (bound options) goes through _apply.
+        remote = ray.remote(num_cpus=1)(_apply)
+        refs = [remote.remote(function, item) for item in items]
         for ref in refs:
             yield ray.get(ref)
             done += 1
@@ -85,3 +86,8 @@ def _map_ray(function: Callable[[Item], Result], items: list[Item], workers: int
             ray.cancel(ref)
         if started:
             ray.shutdown()
+
+
+def _apply(function: Callable[[Item], Result], item: Item) -> Result:
+    """``function(item)``: the one function Ray remotes, whatever callable it is given."""
+    return function(item)

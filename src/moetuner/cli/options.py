@@ -51,6 +51,9 @@ def cluster_from_flags(gpus: int, nodes: int, gpu: str, intra_bw: float | None,
 
 Workers = Annotated[int, typer.Option(
     "--workers", help="processes profiling shards of a directory or glob at once")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray", help="run on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT "
+    "(pip install moetuner[ray])")]
 
 
 class _Rate(ProgressColumn):
@@ -83,7 +86,8 @@ def profile_with_progress(path: str, select: list[str] | None, drop: list[str] |
 
 
 def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] | None,
-                                drop: list[str] | None, workers: int = 1) -> Profile:
+                                drop: list[str] | None, workers: int = 1,
+                                ray_address: str | None = None) -> Profile:
     """The sum of the profiles of every shard of ``paths``, streamed, with a progress bar
     (tokens/s; ETA when every shard's header gives its length)."""
     shards = [shard for path in paths for shard in expand_shards(path)]
@@ -93,7 +97,7 @@ def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] |
     total = None if None in sizes else sum(sizes)
     progress, advance = token_progress(total, f"profiling {len(shards)} shard(s)")
     with progress:
-        return profile_shards(shards, select or (), drop or (), workers, advance)
+        return profile_shards(shards, select or (), drop or (), workers, advance, ray_address)
 
 
 ModelName = Annotated[str | None, typer.Option(

@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from moetuner.cli import command, console
-from moetuner.cli.options import Drop, Select, Workers, profile_paths_with_progress
+from moetuner.cli.options import (
+    Drop,
+    RayAddress,
+    Select,
+    Workers,
+    profile_paths_with_progress,
+)
 
 
 @command("profile")
@@ -20,9 +26,10 @@ def profile_command(
     select: Select = None,
     drop: Drop = None,
     workers: Workers = 1,
+    ray: RayAddress = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
-    profile = profile_paths_with_progress(traces, select, drop, workers)
+    profile = profile_paths_with_progress(traces, select, drop, workers, ray)
     profile.save(output)
     skew = profile.skew()
     mi = profile.mutual_information()

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from moetuner.cli import command, console
-from moetuner.cli.options import Calibration, Drop, ModelName, Select
+from moetuner.cli.options import Calibration, Drop, ModelName, RayAddress, Select
 from moetuner.errors import InputError
 from moetuner.sweep import (
     TIME_COLUMN,
@@ -82,9 +82,7 @@ def sweep_command(
         "--replica-policy", help="even (vLLM) or nearest (SGLang)")] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="local processes, or CPUs of a local Ray (default: all CPUs)")] = None,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", help="run on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT")
-                   ] = None,
+    ray: RayAddress = None,
 ) -> None:
     """Place and evaluate every point of a grid; write a table and a Pareto page."""
     inputs, grid, options = load_grid_file(grid_file) if grid_file else ({}, {}, {})
