@@ -10,10 +10,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from moetuner import readers
 from moetuner.errors import InputError
+from moetuner.io import npz_names
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.trace import Trace, load_trace
 
@@ -23,14 +22,11 @@ ProfileReader = tuple[Callable[[Path], bool], Callable[[Path], Profile]]
 
 
 def npz_keys(path: Path) -> list[str]:
-    """Names of the arrays in an ``.npz`` (empty when it is not one)."""
+    """Names of the arrays in an ``.npz`` (empty when it is not one; an ``InputError`` when
+    a file named ``.npz`` is damaged)."""
     if path.suffix != ".npz" or not path.is_file():
         return []
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(getattr(data, "files", []))
-    except (OSError, ValueError):
-        return []
+    return npz_names(path)
 
 
 TRACE_READERS: list[TraceReader] = [

@@ -10,6 +10,7 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.options import token_progress
 from moetuner.collect import collect_trace, load_model, read_texts
+from moetuner.io import check_outputs
 
 
 @command("collect")
@@ -27,6 +28,7 @@ def collect_command(
                                                "when present)")] = None,
 ) -> None:
     """Run an MoE model over text and record every MoE layer's top-k experts and weights."""
+    check_outputs([output], [data])
     texts, datasets = read_texts(data)
     loaded, tokenizer = load_model(model, device)
     progress, advance = token_progress(len(texts), f"routing {len(texts)} prompts")

@@ -75,8 +75,11 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     if not loaded:
         raise InputError("PLACEMENT", "placements", "at least one placement file")
     events = read_trace(trace, select or (), drop or ())
-    cluster = cluster_from_flags(gpus or next(iter(loaded.values())).num_gpus, nodes, gpu,
-                                 intra_bw, inter_bw)
+    if not events.num_tokens:
+        raise InputError(trace, "topk_ids", "tokens to replay (the file or selection holds "
+                         "none)", 0)
+    cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
+                                 nodes, gpu, intra_bw, inter_bw)
     for placement in loaded.values():
         check_compatible(placement, events, cluster)
     return EvaluationInputs(

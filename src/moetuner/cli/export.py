@@ -11,6 +11,7 @@ from moetuner.cli import command, console
 from moetuner.cli.options import profile_with_progress
 from moetuner.errors import InputError
 from moetuner.export import FORMATS, LayerAxis, write_engine_files
+from moetuner.io import check_outputs
 from moetuner.models import get_model
 from moetuner.placement import load_placement
 
@@ -40,6 +41,7 @@ def export_command(
         "--dense-layers", help="comma-separated hidden-layer indices without experts")] = None,
 ) -> None:
     """Write a placement in the file a serving engine loads and print the flags to use it."""
+    check_outputs([output], [source])
     if fmt == "sglang-count":
         data = profile_with_progress(str(source), None, None)
     else:

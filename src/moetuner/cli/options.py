@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moetuner.cluster import Cluster, make_cluster
+from moetuner.errors import InputError
 from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.profile import Profile, profile_trace
 
@@ -48,13 +49,19 @@ def token_progress(total: int, description: str) -> tuple[Progress, Callable[[in
 
 
 def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None) -> Profile:
-    """Profile a trace with a progress bar, or read a profile file as it is."""
+    """Profile a trace with a progress bar, or read a profile file as it is; an
+    ``InputError`` when it holds no routed tokens (an empty file or selection)."""
     if not is_trace(path):
-        return read_profile(path, select or (), drop or ())
-    trace = read_trace(path, select or (), drop or ())
-    progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
-    with progress:
-        return profile_trace(trace, progress=advance)
+        profile = read_profile(path, select or (), drop or ())
+    else:
+        trace = read_trace(path, select or (), drop or ())
+        progress, advance = token_progress(trace.num_tokens,
+                                           f"profiling {trace.num_tokens} tokens")
+        with progress:
+            profile = profile_trace(trace, progress=advance)
+    if not profile.load.any():
+        raise InputError(path, "load", "routed tokens (the file or selection holds none)", 0)
+    return profile
 
 ModelName = Annotated[str | None, typer.Option(
     "--model", help="model preset for the cost model (default: the preset matching the trace)")]

@@ -11,6 +11,7 @@ import typer
 
 from moetuner.cli import command, console
 from moetuner.cli.options import Drop, Select, profile_with_progress
+from moetuner.io import check_outputs
 
 
 @command("profile")
@@ -22,6 +23,7 @@ def profile_command(
     drop: Drop = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
+    check_outputs([output], traces)
     profiles = [profile_with_progress(str(trace), select, drop) for trace in traces]
     profile = functools.reduce(operator.add, profiles)
     profile.save(output)
