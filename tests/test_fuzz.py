@@ -10,17 +10,18 @@ command that reads that format in-process through ``moetuner.cli.run``.
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import io
 import json
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from moetuner.cli import run
@@ -60,6 +61,7 @@ BAD_ARRAYS: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
     ("extra axis", lambda a: a[..., None]),
     ("one layer", lambda a: a[:, :1] if a.ndim == 3 else a[:1]),
 ]
+BAD_TEXT = ["nan", "-1", "1e400", "99999999999999999999", '"3"', "2.25", "null", "[]", "x"]
 BAD_JSON: list[tuple[str, object]] = [
     ("null", None), ("list", [1, 2]), ("dict", {"a": 1}), ("string", "3"), ("float", 2.25),
     ("bool", False), ("negative", -1), ("zero", 0), ("huge", 2**70), ("nan", float("nan")),
@@ -116,10 +118,9 @@ def _formats() -> dict[str, tuple[str, object]]:
     }
     if torch is not None:
         formats["sglang_per_token"] = ("dump.pt", {
-            "records": [{"topk_ids_of_layer": torch.tensor(IDS.transpose(1, 0, 2))}],
-            "last_physical_to_logical_map": torch.tensor(PLACEMENT.phy2log)})
-        formats["sglang_stat"] = ("stat.pt", {
-            "logical_count": torch.tensor(profile_trace(TRACE).load[None])})
+            "records": [{"topk_ids_of_layer": IDS.transpose(1, 0, 2)}],
+            "last_physical_to_logical_map": PLACEMENT.phy2log})
+        formats["sglang_stat"] = ("stat.pt", {"logical_count": profile_trace(TRACE).load[None]})
     return formats
 
 
@@ -134,13 +135,27 @@ def _write(path: Path, content: object) -> None:
         with path.open("wb") as handle:
             np.save(handle, content, allow_pickle=content.dtype == object)
     elif path.suffix == ".pt":
-        torch.save(content, path)
+        torch.save(_tensors(content), path)
     elif path.suffix in (".json", ".jsonl", ".csv", ".txt"):
         path.write_text(content if isinstance(content, str) else json.dumps(content))
     else:
         path.mkdir()
         for name, array in content.items():
             np.save(path / name, array)
+
+
+def _tensors(value: object) -> object:
+    """``value`` with its numeric arrays as torch tensors (what SGLang's recorder saves)."""
+    if isinstance(value, dict):
+        return {key: _tensors(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_tensors(item) for item in value]
+    if isinstance(value, np.ndarray):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError):  # no torch dtype (str, uint64)
+            return value.tolist()
+    return value
 
 
 def _first_file(path: Path) -> Path:
@@ -168,41 +183,39 @@ def _damage_bytes(path: Path, kind: str, where: float, data: bytes) -> None:
     target.write_bytes(raw)
 
 
-def _damage_content(content: object, key_choice: int, value_choice: int) -> object:
-    """A copy of ``content`` with one array or JSON field replaced by a bad value."""
-    if isinstance(content, dict) and content and all(
-            isinstance(v, np.ndarray) for v in content.values()):
-        name = sorted(content)[key_choice % len(content)]
-        _, make = BAD_ARRAYS[value_choice % len(BAD_ARRAYS)]
-        return {**content, name: make(content[name])}
-    if isinstance(content, np.ndarray):
-        return BAD_ARRAYS[value_choice % len(BAD_ARRAYS)][1](content)
-    if isinstance(content, dict | list):
-        return _replace_json(content, key_choice, BAD_JSON[value_choice % len(BAD_JSON)][1])
-    return content
-
-
-def _replace_json(value: object, choice: int, bad: object) -> object:
-    """``value`` with its ``choice``-th node (depth first) replaced by ``bad``."""
+def _damage_content(content: object, node_choice: int, value_choice: int) -> object:
+    """A copy of ``content`` with one array, JSON value or number in a text replaced."""
+    if isinstance(content, str):
+        numbers = list(re.finditer(r"-?\d+", content))
+        if not numbers:
+            return content
+        found = numbers[node_choice % len(numbers)]
+        bad = BAD_TEXT[value_choice % len(BAD_TEXT)]
+        return content[:found.start()] + bad + content[found.end():]
+    copy = {"root": copy_module.deepcopy(content)}
     nodes: list[tuple[object, object]] = []
 
     def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for key in node:
-                nodes.append((node, key))
-                walk(node[key])
-        elif isinstance(node, list):
-            for index in range(len(node)):
-                nodes.append((node, index))
-                walk(node[index])
+        keys = node.keys() if isinstance(node, dict) else range(len(node)) \
+            if isinstance(node, list) else ()
+        for key in keys:
+            nodes.append((node, key))
+            walk(node[key])
 
-    copy = json.loads(json.dumps(value))
     walk(copy)
-    if not nodes:
-        return bad
-    parent, key = nodes[choice % len(nodes)]
-    parent[key] = bad
-    return copy
+    if isinstance(content, dict) and all(isinstance(v, np.ndarray) for v in content.values()):
+        nodes = nodes[1:]  # an .npz or a folder of .npy files stays a set of arrays
+    parent, key = nodes[node_choice % len(nodes)]
+    old = parent[key]
+    if isinstance(old, np.ndarray):
+        name, make = BAD_ARRAYS[value_choice % len(BAD_ARRAYS)]
+        try:
+            parent[key] = make(old)
+        except (ValueError, IndexError):  # e.g. a string label has no float form
+            parent[key] = np.asarray(7.5)
+    else:
+        parent[key] = BAD_JSON[value_choice % len(BAD_JSON)][1]
+    return copy["root"]
 
 
 def _commands(kind: str, bad: str, good: dict[str, str], out: Path) -> list[list[str]]:
@@ -277,7 +290,10 @@ def _good_files(root: Path) -> dict[str, str]:
 
 
 BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json"]
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# Bounded (the whole file runs in well under a minute on 2 cores); no shrinking, since the
+# failing example is printed as it is and a shrink re-runs commands for minutes.
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @FUZZ
@@ -346,25 +362,3 @@ def test_bad_flags_never_crash(command, flag, value):
             value = str(2**40)
         argv = base + [flag, value]
         check_command(argv, out)
-
-
-@pytest.mark.parametrize("command", ["profile", "place", "synth", "export", "report"])
-def test_output_equal_to_input_or_a_directory_is_refused(tmp_path, command):
-    good = _good_files(tmp_path)
-    for target in (good["trace"], good["placement"], str(tmp_path), ""):
-        argv = {
-            "profile": ["profile", good["trace"], "-o", target],
-            "place": ["place", good["trace"], "--gpus", "2", "--method", "linear", "-o",
-                      target],
-            "synth": ["synth", "--like", good["trace"], "--layers", "2", "--experts", "4",
-                      "--topk", "2", "--tokens", "30", "-o", target],
-            "export": ["export", good["placement"], "--format", "vllm-ascend", "-o", target],
-            "report": ["report", good["placement"], "--trace", good["trace"], "-o", target],
-        }[command]
-        if command == "report" and target == str(tmp_path):
-            continue  # report writes into a directory
-        before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-        code, text = run_clean(argv)
-        assert code == 2, (argv, text)
-        assert "Traceback" not in text and "-o" in text
-        assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

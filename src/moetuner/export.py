@@ -29,6 +29,7 @@ import numpy as np
 from moetuner.errors import InputError
 from moetuner.io import (
     MAX_GPUS,
+    MAX_LAYERS,
     as_int,
     int_array,
     load_npy,
@@ -66,6 +67,9 @@ class LayerAxis:
             num_hidden_layers, dense_layers = model.num_hidden_layers, model.dense_layers
         hidden = num_moe_layers + len(dense_layers) if num_hidden_layers is None else \
             num_hidden_layers
+        if not 1 <= hidden <= MAX_LAYERS:
+            raise InputError("--num-hidden-layers", "num_hidden_layers",
+                             f"a layer count in [1, {MAX_LAYERS}]", hidden)
         dense = set(dense_layers)
         if any(d < 0 or d >= hidden for d in dense):
             raise InputError("--dense-layers", "dense_layers", f"indices in [0, {hidden})",

@@ -92,7 +92,9 @@ class Profile:
     def from_load(cls, load: np.ndarray, top_k: int = 1, source: str = "<memory>") -> Profile:
         """A loads-only profile (e.g. from aggregated counts); ``tokens`` = load per layer / k."""
         load = np.asarray(load)
-        tokens = int(round(float(load[0].sum()) / top_k)) if load.size else 0
+        per_layer = float(load[0].sum()) / top_k if load.size else 0.0
+        # NaN or inf loads are refused by validation, which names them.
+        tokens = int(round(per_layer)) if np.isfinite(per_layer) else 0
         return cls(load=load, top_k=top_k, tokens=tokens, source=source,
                    provenance=[{"source": source, "selection": "all", "tokens": tokens}])
 

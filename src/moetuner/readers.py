@@ -111,6 +111,9 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
     physical = np.concatenate(ids, axis=1)                         # [layers, tokens, k]
     routed = (physical >= 0).any(axis=(1, 2)) if physical.shape[1] else np.ones(
         physical.shape[0], bool)
+    if not routed.any():
+        raise InputError(path, "records[*].topk_ids_of_layer",
+                         "at least one routed layer (ids >= 0)", "all ids negative")
     physical = physical[routed]
     if (physical < 0).any() or (physical.size and physical.max() >= phys_map.shape[1]):
         raise InputError(path, "records[*].topk_ids_of_layer",
