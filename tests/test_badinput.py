@@ -267,3 +267,14 @@ def test_synth_bounds_and_one_layer_traces(tmp_path, capsys):
     np.savez(layer_file, topk_ids=IDS[:, :1])
     assert run(["synth", "--like", str(layer_file), "--layers", "1", "--experts", "4",
                 "--topk", "2", "--tokens", "20", "-o", str(tmp_path / "s.npz")]) == 0
+
+
+def test_collect_flags_and_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    base = ["collect", "--model", str(tmp_path / "no-model"), "--data", str(prompts)]
+    _fails([*base, "-o", str(prompts)], capsys, "-o", "input")
+    _fails([*base, "-o", str(tmp_path / "t.npz"), "--batch-size", "0"], capsys, "--batch-size")
+    _fails([*base, "-o", str(tmp_path / "t.npz"), "--decode-tokens", "-1"], capsys,
+           "--decode-tokens")
+    assert prompts.read_text() == "hello\n" and not (tmp_path / "t.npz").exists()

@@ -32,6 +32,7 @@ from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
 from moetuner.inputs import read_trace
+from moetuner.io import MAX_PAIR_CELLS
 from moetuner.models import ModelSpec, get_model
 from moetuner.placement import Placement, load_placement
 from moetuner.trace import Trace
@@ -80,6 +81,10 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
                          "none)", 0)
     cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
                                  nodes, gpu, intra_bw, inter_bw)
+    if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:
+        # The replay holds a [layers, G, G] traffic matrix per placement.
+        raise InputError("--gpus", "num_gpus", f"layers x G x G at most {MAX_PAIR_CELLS}",
+                         cluster.num_gpus)
     for placement in loaded.values():
         check_compatible(placement, events, cluster)
     return EvaluationInputs(
