@@ -278,3 +278,18 @@ def test_collect_flags_and_outputs_are_checked_before_the_model_loads(tmp_path, 
     _fails([*base, "-o", str(tmp_path / "t.npz"), "--decode-tokens", "-1"], capsys,
            "--decode-tokens")
     assert prompts.read_text() == "hello\n" and not (tmp_path / "t.npz").exists()
+
+
+@pytest.mark.parametrize("text, field", [
+    ('{"compute_efficiency": true}', "compute_efficiency"),
+    ('{"tokens_per_gpu_batch": "128"}', "tokens_per_gpu_batch"),
+    ('{"inter_latency": NaN}', "file"),
+    ('[1, 2]', "keys"),
+])
+def test_bad_calibration_files(tmp_path, text, field):
+    from moetuner.costmodel import load_coefficients
+
+    path = tmp_path / "calib.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=field):
+        load_coefficients(path)
