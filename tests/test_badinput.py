@@ -197,7 +197,7 @@ def test_outputs_that_would_destroy_an_input_are_refused(tmp_path, capsys):
     _fails(["profile", str(trace), "-o", str(tmp_path)], capsys, "directory")
     _fails(["profile", str(trace), "-o", ""], capsys, "-o")
     _fails(["report", str(placement), "--trace", str(trace), "-o", ""], capsys, "-o")
-    _fails(["profile", str(trace), "-o", str(trace / "x.npz")], capsys, "writable")
+    _fails(["profile", str(trace), "-o", str(trace / "x.npz")], capsys, "not a file")
     assert {p: p.read_bytes() for p in saved} == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json", "trace.npz"]
 
@@ -293,3 +293,15 @@ def test_bad_calibration_files(tmp_path, text, field):
     path.write_text(text)
     with pytest.raises(InputError, match=field):
         load_coefficients(path)
+
+
+def test_an_unwritable_path_is_an_input_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="writable"):
+        write_json(blocker / "out.json", {"a": 1})
+    (tmp_path / "out.json").mkdir()                     # os.replace onto a folder fails
+    with pytest.raises(InputError, match="writable"):
+        write_json(tmp_path / "out.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.json"]
+    assert blocker.read_text() == "x" and not any((tmp_path / "out.json").iterdir())

@@ -82,8 +82,9 @@ def write_together(writes: dict[str | os.PathLike, Callable[[IO], Any]],
 
 def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike],
                   flag: str = "-o") -> None:
-    """Raise ``InputError`` when an output path is empty, a directory, or the same file as an
-    input or as another output (writing it would destroy data)."""
+    """Raise ``InputError`` when an output path is empty, a directory, under a file, or the
+    same file as an input or as another output (writing it would destroy data). Missing
+    folders are fine: writing creates them."""
     seen: dict[Path, str] = {}
     for name in inputs:
         seen[Path(name).resolve()] = f"the input {name}"
@@ -93,6 +94,10 @@ def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLi
         path = Path(name)
         if path.is_dir():
             raise InputError(flag, "path", "a file path, not a directory", str(name))
+        existing = next(parent for parent in path.absolute().parents if parent.exists())
+        if not existing.is_dir():
+            raise InputError(flag, "path", f"a path whose folder {existing} is a folder, not "
+                             "a file", str(name))
         resolved = path.resolve()
         if resolved in seen:
             raise InputError(flag, "path", f"a file other than {seen[resolved]}", str(name))
