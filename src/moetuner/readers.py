@@ -179,12 +179,11 @@ def read_vllm_dir(path: Path, select: Sequence[str] = (), drop: Sequence[str] = 
 
 
 def is_vllm_npz(path: Path) -> bool:
-    """An ``.npz`` of per-request arrays: neither a trace nor a profile (``read_vllm_npz``
-    says what is wrong with one that is not vLLM's either)."""
-    if path.suffix != ".npz" or not path.is_file():
+    if path.suffix != ".npz" or not path.is_file() or {"topk_ids", "load"} & set(
+            npz_names(path)):
         return False
-    names = set(npz_names(path))
-    return bool(names) and not {"topk_ids", "load"} & names
+    arrays = read_npz(path, "a numpy .npz archive")
+    return bool(arrays) and all(array.ndim == 3 for array in arrays.values())
 
 
 def read_vllm_npz(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
