@@ -26,6 +26,7 @@ Profiles (loads only):
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -278,7 +279,9 @@ def read_loads(path: Path) -> Profile:
         load = parse_json(path.read_bytes(), path, "load", expected)
     elif path.suffix == ".csv":
         try:
-            load = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            with warnings.catch_warnings():  # an empty file: refused below in one line
+                warnings.simplefilter("ignore", UserWarning)
+                load = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
         except ValueError as exc:
             raise InputError(path, "load", expected, " ".join(str(exc).split())[:120]) from None
     else:
