@@ -292,7 +292,7 @@ def _good_files(root: Path) -> dict[str, str]:
 BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json"]
 # Bounded (the whole file runs in well under a minute on 2 cores); no shrinking, since the
 # failing example is printed as it is and a shrink re-runs commands for minutes.
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck),
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
