@@ -337,7 +337,7 @@ def test_sglang_flags_name_the_redundant_count_and_backend(tmp_path):
 def test_sglang_pair_is_written_all_or_none(tmp_path):
     # The sidecar cannot be written (a directory holds its name): the main file is not left.
     (tmp_path / "s.meta.json").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="writable"):
         write_engine_files(example(), "sglang", tmp_path / "s.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.meta.json"]
 

@@ -20,7 +20,7 @@ def test_cluster_topology_and_link_cost():
     ({"gpus": 8, "nodes": 3}, "--nodes"),
     ({"gpus": 0}, "--gpus"),
     ({"gpus": 8, "gpu": "tpu"}, "--gpu"),
-    ({"gpus": 8, "intra_bandwidth": -1.0}, "--intra-bandwidth"),
+    ({"gpus": 8, "intra_bandwidth": -1.0}, "--intra-bw"),
 ])
 def test_bad_cluster(kwargs, field):
     with pytest.raises(InputError, match=field):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from moetuner.errors import InputError
+from moetuner.io import MAX_GPUS
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,15 @@ class Cluster:
     inter_latency: float = INTER_LATENCY
 
     def __post_init__(self) -> None:
-        if self.num_gpus < 1:
-            raise InputError("--gpus", "num_gpus", "a positive GPU count", self.num_gpus)
+        if not 1 <= self.num_gpus <= MAX_GPUS:
+            raise InputError("--gpus", "num_gpus", f"a GPU count in [1, {MAX_GPUS}]",
+                             self.num_gpus)
         if self.num_nodes < 1 or self.num_gpus % self.num_nodes:
             raise InputError("--nodes", "num_nodes",
                              f"a positive divisor of the {self.num_gpus} GPUs", self.num_nodes)
-        for name in ("intra_bandwidth", "inter_bandwidth"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"--{name.replace('_', '-')}", name, "a positive bytes/s",
+        for name, flag in (("intra_bandwidth", "--intra-bw"), ("inter_bandwidth", "--inter-bw")):
+            if not 0 < getattr(self, name) < np.inf:
+                raise InputError(flag, name, "a positive finite bandwidth",
                                  getattr(self, name))
 
     @property

@@ -37,7 +37,10 @@ def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file", "an existing .txt or .jsonl file of prompts")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_bytes().decode().splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise InputError(path, "file", "UTF-8 text", exc.reason) from None
     if path.suffix != ".jsonl":
         texts, datasets = lines, None
     else:
@@ -46,7 +49,7 @@ def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
             try:
                 record = json.loads(line)
                 text = record["text"] if "text" in record else record["prompt"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise InputError(path, f"line {number}",
                                  'a JSON object with a "text" (or "prompt") string') from None
             records.append((str(text), record.get("dataset")))

@@ -90,7 +90,8 @@ class CostCoefficients:
                 continue
             if value is None and f.default is None:
                 continue
-            if not isinstance(value, int | float) or not np.isfinite(value) or value < 0 or (
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not np.isfinite(value) or value < 0 or (
                     value == 0 and not f.name.endswith("latency")):
                 raise InputError("calibration", f.name, "a positive finite number", value)
         for name in ("compute_efficiency", "memory_efficiency", "network_efficiency"):

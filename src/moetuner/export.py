@@ -34,7 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import read_json, write_npy, write_together
+from moetuner.io import (
+    MAX_GPUS,
+    MAX_LAYERS,
+    as_int,
+    int_array,
+    load_npy,
+    read_json,
+    write_npy,
+    write_together,
+)
 from moetuner.models import ModelSpec
 from moetuner.placement import Placement, pack_slots
 from moetuner.profile import Profile
@@ -70,6 +79,9 @@ class LayerAxis:
             num_hidden_layers, dense_layers = model.num_hidden_layers, model.dense_layers
         hidden = num_moe_layers + len(dense_layers) if num_hidden_layers is None else \
             num_hidden_layers
+        if not 1 <= hidden <= MAX_LAYERS:
+            raise InputError("--num-hidden-layers", "num_hidden_layers",
+                             f"a layer count in [1, {MAX_LAYERS}]", hidden)
         dense = set(dense_layers)
         if any(d < 0 or d >= hidden for d in dense):
             raise InputError("--dense-layers", "dense_layers", f"indices in [0, {hidden})",
@@ -127,8 +139,9 @@ def check_sglang(data: object, num_hidden_layers: int, num_experts: int, num_gpu
                          sorted(data) if isinstance(data, dict) else type(data).__name__)
     key, rows = next(iter(data.items()))
     try:
-        array = np.asarray(rows, dtype=np.float64 if key == "logical_count" else np.int64)
-    except (TypeError, ValueError):
+        array = np.asarray(rows, dtype=np.float64) if key == "logical_count" else int_array(
+            rows, source, key, 2, "[hidden layers, slots]")
+    except (TypeError, ValueError, RecursionError, OverflowError):
         raise InputError(source, key, "a rectangular list of number lists") from None
     if key == "logical_count":
         if array.ndim == 3:
@@ -202,11 +215,8 @@ def read_vllm(path: str | os.PathLike, num_gpus: int, num_experts: int | None = 
               ) -> Placement:
     """Read a JSON list of phy2log lists (E: the largest id + 1 unless given)."""
     data = read_json(path, "a JSON list of phy2log lists")
-    try:
-        phy2log = np.asarray(data, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise InputError(path, "phy2log", "a rectangular list of integer lists") from None
-    if phy2log.ndim != 2 or phy2log.size == 0:
+    phy2log = int_array(data, path, "phy2log", 2, "[moe layers, slots]")
+    if phy2log.size == 0:
         raise InputError(path, "phy2log", "[moe layers, slots]", list(phy2log.shape))
     experts = int(phy2log.max()) + 1 if num_experts is None else num_experts
     return Placement(phy2log=phy2log, num_gpus=num_gpus, num_experts=experts,
@@ -237,16 +247,17 @@ def check_vllm_ascend(data: object, source: str = "<vllm-ascend>") -> np.ndarray
     if not isinstance(data, dict) or "moe_layer_count" not in data or "layer_list" not in data:
         raise InputError(source, "keys", "moe_layer_count and layer_list")
     count, layers = data["moe_layer_count"], data["layer_list"]
-    if not isinstance(count, int) or count < 1 or not isinstance(layers, list) \
-            or len(layers) != count:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 \
+            or not isinstance(layers, list) or len(layers) != count:
         raise InputError(source, "layer_list", f"moe_layer_count = {count} layers",
                          len(layers) if isinstance(layers, list) else type(layers).__name__)
     tables = []
     for index, layer in enumerate(layers):
         try:
             devices = layer["device_list"]
-            table = np.asarray([device["device_expert"] for device in devices], dtype=np.int64)
-        except (KeyError, TypeError, ValueError):
+            table = int_array([device["device_expert"] for device in devices], source,
+                              f"layer_list[{index}].device_list", 2, "[devices, experts]")
+        except (KeyError, TypeError):
             raise InputError(source, f"layer_list[{index}].device_list",
                              "devices with equally long integer device_expert lists") from None
         if table.ndim != 2 or layer.get("device_count", len(devices)) != len(devices):
@@ -304,12 +315,13 @@ def placement_from_expert_gpu(expert_gpu: np.ndarray, num_gpus: int, source: str
 
 def read_megatron(path: str | os.PathLike, num_gpus: int | None = None) -> Placement:
     """Read an ``expert_gpu [L, E]`` ``.npy`` (G: the largest GPU id + 1 unless given)."""
-    try:
-        expert_gpu = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "an .npy expert_gpu [layers, experts]", exc) from None
-    gpus = int(expert_gpu.max()) + 1 if num_gpus is None and expert_gpu.size else num_gpus
-    return placement_from_expert_gpu(expert_gpu, gpus or 1, str(path))
+    expert_gpu = load_npy(path, "an .npy expert_gpu [layers, experts]")
+    if not expert_gpu.size or not np.issubdtype(expert_gpu.dtype, np.integer):
+        raise InputError(path, "expert_gpu", "integers [layers, experts]",
+                         f"{expert_gpu.dtype} {list(expert_gpu.shape)}")
+    gpus = int(expert_gpu.max()) + 1 if num_gpus is None else num_gpus
+    return placement_from_expert_gpu(expert_gpu, as_int(gpus, path, "expert_gpu (GPU ids)", 1,
+                                                        MAX_GPUS), str(path))
 
 
 # ---------------------------------------------------------------- engine constraints

@@ -22,6 +22,7 @@ import numpy as np
 
 from moetuner import readers
 from moetuner.errors import InputError
+from moetuner.io import load_npy, npz_names
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import (
@@ -40,14 +41,11 @@ ProfileReader = tuple[Callable[[Path], bool], Callable[[Path], Profile]]
 
 
 def npz_keys(path: Path) -> list[str]:
-    """Names of the arrays in an ``.npz`` (empty when it is not one)."""
+    """Names of the arrays in an ``.npz`` (empty when it is not one; an ``InputError`` when
+    a file named ``.npz`` is damaged)."""
     if path.suffix != ".npz" or not path.is_file():
         return []
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(getattr(data, "files", []))
-    except (OSError, ValueError):
-        return []
+    return npz_names(path)
 
 
 TRACE_READERS: list[TraceReader] = [
@@ -192,12 +190,15 @@ def shard_tokens(path: Path) -> int | None:
     requests), else None; sizes a progress bar without reading the data."""
     shape = npz_ids_shape(path)
     if shape is None and readers.is_exflow(path):
-        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        shape = load_npy(path, "an ExFlow .npy [tokens, layers]", header_only=True).shape
     if shape is None and (readers.is_vllm_dir(path) or readers.is_vllm_npz(path)):
         _, shapes, _, _, close = vllm_requests(path)
         close()
-        return sum(int(request_shape[0]) for request_shape in shapes)
-    return None if shape is None else int(shape[0])
+        if all(shapes):
+            return sum(int(request_shape[0]) for request_shape in shapes)
+        return None
+    # A malformed header (no token axis) is left for the reader to name.
+    return None if not shape else int(shape[0])
 
 
 def profile_shards(

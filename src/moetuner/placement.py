@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import read_json, write_json
+from moetuner.io import MAX_EXPERTS, MAX_GPUS, as_bool, as_int, int_array, read_json, write_json
 
 FORMAT = "moetuner.placement"
 VERSION = 1
@@ -114,8 +114,8 @@ class Placement:
     def validate(self) -> None:
         """Raise ``InputError`` unless the placement is loadable by an engine."""
         src, p = self.source, self.phy2log
-        if p.ndim != 2 or not np.issubdtype(p.dtype, np.integer):
-            raise InputError(src, "phy2log", "an integer array [layers, slots]",
+        if p.ndim != 2 or not np.issubdtype(p.dtype, np.integer) or not p.shape[0]:
+            raise InputError(src, "phy2log", "an integer array [layers, slots], at least one layer",
                              f"{p.dtype} {list(p.shape)}")
         if self.num_gpus < 1 or self.num_experts < 1:
             raise InputError(src, "num_gpus/num_experts", "positive counts",
@@ -123,6 +123,9 @@ class Placement:
         if p.shape[1] % self.num_gpus:
             raise InputError(src, "phy2log", f"a slot count divisible by the {self.num_gpus} GPUs",
                              p.shape[1])
+        if not 1 <= self.num_experts <= MAX_EXPERTS:
+            raise InputError(src, "num_experts", f"at most {MAX_EXPERTS} experts",
+                             self.num_experts)
         if p.shape[1] < self.num_experts:
             raise InputError(src, "phy2log", f"at least one slot per expert ({self.num_experts})",
                              p.shape[1])
@@ -189,17 +192,22 @@ class Placement:
         for key in ("num_gpus", "num_experts", "phy2log"):
             if key not in data:
                 raise InputError(source, key, "a key of the placement file")
-        try:
-            phy2log = np.asarray(data["phy2log"], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise InputError(source, "phy2log", "a rectangular list of integer lists") from None
-        placement = cls(phy2log=phy2log, num_gpus=int(data["num_gpus"]),
-                        num_experts=int(data["num_experts"]),
-                        metadata=data.get("metadata", {}),
-                        allow_shared_gpu=bool(data.get("allow_shared_gpu", False)),
-                        allow_empty_slots=bool(data.get("allow_empty_slots", False)),
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise InputError(source, "metadata", "a JSON object", type(metadata).__name__)
+        placement = cls(phy2log=int_array(data["phy2log"], source, "phy2log", 2,
+                                          "[layers, slots] (a rectangular list of lists)"),
+                        num_gpus=as_int(data["num_gpus"], source, "num_gpus", 1, MAX_GPUS),
+                        num_experts=as_int(data["num_experts"], source, "num_experts", 1,
+                                           MAX_EXPERTS),
+                        metadata=metadata,
+                        allow_shared_gpu=as_bool(data.get("allow_shared_gpu", False), source,
+                                                 "allow_shared_gpu"),
+                        allow_empty_slots=as_bool(data.get("allow_empty_slots", False), source,
+                                                  "allow_empty_slots"),
                         source=source)
-        if "slots_per_gpu" in data and int(data["slots_per_gpu"]) != placement.slots_per_gpu:
+        if "slots_per_gpu" in data and as_int(data["slots_per_gpu"], source,
+                                              "slots_per_gpu") != placement.slots_per_gpu:
             raise InputError(source, "slots_per_gpu", f"{placement.slots_per_gpu} (= P / G)",
                              data["slots_per_gpu"])
         return placement
@@ -244,8 +252,8 @@ def is_placement_file(path: str | os.PathLike) -> bool:
     if path.suffix != ".json" or not path.is_file():
         return False
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT
 

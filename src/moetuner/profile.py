@@ -29,7 +29,15 @@ import numba
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import open_npz, write_npz
+from moetuner.io import (
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_PAIR_CELLS,
+    as_int,
+    parse_json,
+    read_npz,
+    write_npz,
+)
 from moetuner.trace import Trace, first_sequences
 
 # Routing records (token x layer x k) per chunk: a few MB of ids whatever the trace length.
@@ -86,7 +94,9 @@ class Profile:
     def from_load(cls, load: np.ndarray, top_k: int = 1, source: str = "<memory>") -> Profile:
         """A loads-only profile (e.g. from aggregated counts); ``tokens`` = load per layer / k."""
         load = np.asarray(load)
-        tokens = int(round(float(load[0].sum()) / top_k)) if load.size else 0
+        per_layer = float(load[0].sum()) / top_k if load.size else 0.0
+        # NaN or inf loads are refused by validation, which names them.
+        tokens = int(round(per_layer)) if np.isfinite(per_layer) else 0
         return cls(load=load, top_k=top_k, tokens=tokens, source=source,
                    provenance=[{"source": source, "selection": "all", "tokens": tokens}])
 
@@ -162,6 +172,9 @@ def _validate(p: Profile) -> None:
     if not (np.issubdtype(load.dtype, np.integer) or np.issubdtype(load.dtype, np.floating)):
         raise InputError(src, "load", "numeric counts", load.dtype)
     L, E = load.shape
+    if E > MAX_EXPERTS or L > MAX_LAYERS:
+        raise InputError(src, "load", f"at most {MAX_LAYERS} layers x {MAX_EXPERTS} experts",
+                         list(load.shape))
     expected = {"transitions": (L - 1, E, E), "transitions_top1": (L - 1, E, E),
                 "coactivation": (L, E, E)}
     for name in _COUNT_FIELDS:
@@ -170,6 +183,8 @@ def _validate(p: Profile) -> None:
             continue
         if name != "load" and tuple(arr.shape) != expected[name]:
             raise InputError(src, name, f"shape {list(expected[name])}", list(arr.shape))
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise InputError(src, name, "numeric counts", arr.dtype)
         if not np.isfinite(arr).all():
             raise InputError(src, name, "finite counts", "NaN or inf")
         if (arr < 0).any():
@@ -178,6 +193,26 @@ def _validate(p: Profile) -> None:
         raise InputError(src, "top_k", f"an integer in [1, {E}]", p.top_k)
     if p.tokens < 0:
         raise InputError(src, "tokens", "a non-negative token count", p.tokens)
+    for name, length in (("stability_load", L), ("stability_transitions", L - 1)):
+        arr = getattr(p, name)
+        if arr is not None and (arr.shape != (length,) or not np.issubdtype(arr.dtype,
+                                                                            np.floating)):
+            raise InputError(src, name, f"correlations [{length}]",
+                             f"{arr.dtype} {list(arr.shape)}")
+    if not isinstance(p.provenance, list) or not all(isinstance(e, dict) for e in p.provenance):
+        raise InputError(src, "provenance_json", "a JSON list of objects",
+                         type(p.provenance).__name__)
+
+
+def check_count_size(num_layers: int, num_experts: int, source: str) -> None:
+    """Refuse, before allocating, a profile whose ``[L, E, E]`` counts exceed
+    ``MAX_PAIR_CELLS`` (one huge id in a trace implies a huge E)."""
+    if num_experts > MAX_EXPERTS:
+        raise InputError(source, "num_experts", f"an expert count in [1, {MAX_EXPERTS}] (ids "
+                         f"below {MAX_EXPERTS})", num_experts)
+    if num_layers * num_experts * num_experts > MAX_PAIR_CELLS:
+        raise InputError(source, "num_experts", f"L x E x E at most {MAX_PAIR_CELLS} count "
+                         f"cells (L = {num_layers})", num_experts)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -329,6 +364,7 @@ def profile_trace(
         chunk_tokens: tokens per chunk (bounds memory); default from ``chunk_tokens_for``.
         progress: called with the number of tokens counted after each chunk.
     """
+    check_count_size(trace.num_layers, trace.num_experts, trace.source)
     chunk = chunk_tokens or chunk_tokens_for(trace.num_layers, trace.num_experts, trace.top_k)
     counter = RoutingCounter(trace.num_layers, trace.num_experts, trace.top_k,
                              cut=half_cut(trace.num_tokens, trace.seq_lens))
@@ -356,13 +392,16 @@ def profiles_by_label(trace: Trace, label: str) -> list[Profile]:
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read a profile ``.npz`` written by ``Profile.save``, validating every field."""
     path = Path(path)
-    with open_npz(path, "a numpy .npz profile") as data:
-        if "load" not in data.files:
-            raise InputError(path, "load", "an array [layers, experts] in the .npz")
-        arrays = {name: data[name] for name in data.files}
-    top_k = int(arrays.pop("top_k", 1))
-    tokens = int(arrays.pop("tokens", 0))
-    provenance = json.loads(str(arrays.pop("provenance_json", "[]")))
+    arrays = read_npz(path, "a numpy .npz profile")
+    if "load" not in arrays:
+        raise InputError(path, "load", "an array [layers, experts] in the .npz")
+    top_k = as_int(arrays.pop("top_k", 1), path, "top_k", 1, MAX_EXPERTS)
+    tokens = as_int(arrays.pop("tokens", 0), path, "tokens", 0)
+    provenance_json = arrays.pop("provenance_json", np.asarray("[]"))
+    if provenance_json.ndim or provenance_json.dtype.kind != "U":
+        raise InputError(path, "provenance_json", "a JSON string",
+                         f"{provenance_json.dtype} {list(provenance_json.shape)}")
+    provenance = parse_json(str(provenance_json), path, "provenance_json", "a JSON list")
     known = set(_COUNT_FIELDS) | {"stability_load", "stability_transitions"}
     unknown = set(arrays) - known
     if unknown:

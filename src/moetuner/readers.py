@@ -26,15 +26,16 @@ Profiles (loads only):
 from __future__ import annotations
 
 import functools
-import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from moetuner.errors import InputError
+from moetuner.io import int_array, load_npy, npz_names, parse_json, read_npz
 from moetuner.profile import Profile
-from moetuner.trace import Trace
+from moetuner.trace import Trace, largest_id
 
 TORCH_HINT = "torch to read .pt dumps (pip install 'moetuner[torch]')"
 
@@ -70,12 +71,12 @@ def is_sglang_stat(path: Path) -> bool:
     return path.suffix == ".pt" and path.is_file() and "logical_count" in load_pt(path)
 
 
-def _int_array(value: object, source: Path, name: str, ndim: int, shape: str) -> np.ndarray:
-    array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-    if array.ndim != ndim or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(source, name, f"an integer array {shape}",
-                         f"{array.dtype} {list(array.shape)}")
-    return array.astype(np.int64)
+def _numpy(value: object) -> object:
+    """A torch tensor as a numpy array; anything else as it is."""
+    try:
+        return value.numpy() if hasattr(value, "numpy") else value
+    except Exception:  # not a tensor after all, or one numpy cannot hold
+        return value
 
 
 def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()
@@ -89,8 +90,11 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
         raise InputError(path, "last_physical_to_logical_map",
                          "the physical-to-logical map [layers, P] that the physical ids in "
                          "records refer to")
-    phys_map = _int_array(data["last_physical_to_logical_map"], path,
-                          "last_physical_to_logical_map", 2, "[layers, P]")
+    phys_map = int_array(_numpy(data["last_physical_to_logical_map"]), path,
+                         "last_physical_to_logical_map", 2, "[layers, P]")
+    if phys_map.shape[1] == 0:
+        raise InputError(path, "last_physical_to_logical_map", "at least one physical slot",
+                         list(phys_map.shape))
     records = data["records"]
     if not isinstance(records, list) or not records:
         raise InputError(path, "records", "a non-empty list of forward-pass records")
@@ -98,9 +102,8 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
     for index, record in enumerate(records):
         if not isinstance(record, dict) or "topk_ids_of_layer" not in record:
             raise InputError(path, f"records[{index}]", "a dict with topk_ids_of_layer")
-        ids.append(_int_array(record["topk_ids_of_layer"], path,
-                              f"records[{index}].topk_ids_of_layer", 3,
-                              "[layers, tokens, topk]"))
+        ids.append(int_array(_numpy(record["topk_ids_of_layer"]), path,
+                             f"records[{index}].topk_ids_of_layer", 3, "[layers, tokens, topk]"))
     shapes = {(a.shape[0], a.shape[2]) for a in ids}
     if len(shapes) != 1 or ids[0].shape[0] != phys_map.shape[0]:
         raise InputError(path, "records[*].topk_ids_of_layer",
@@ -109,6 +112,9 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
     physical = np.concatenate(ids, axis=1)                         # [layers, tokens, k]
     routed = (physical >= 0).any(axis=(1, 2)) if physical.shape[1] else np.ones(
         physical.shape[0], bool)
+    if not routed.any():
+        raise InputError(path, "records[*].topk_ids_of_layer",
+                         "at least one routed layer (ids >= 0)", "all ids negative")
     physical = physical[routed]
     if (physical < 0).any() or (physical.size and physical.max() >= phys_map.shape[1]):
         raise InputError(path, "records[*].topk_ids_of_layer",
@@ -126,9 +132,11 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
 def read_sglang_stat(path: Path) -> Profile:
     """A loads-only profile from a ``stat`` recorder dump (dense layers dropped)."""
     data = load_pt(path)
-    value = data["logical_count"]
-    count = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-    if count.ndim != 3 or not np.issubdtype(count.dtype, np.number):
+    try:
+        count = np.asarray(_numpy(data["logical_count"]))
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        count = np.asarray(None)
+    if count.ndim != 3 or not _is_real(count):
         raise InputError(path, "logical_count", "counts [buffer_steps, num_hidden_layers, E]",
                          f"{count.dtype} {list(count.shape)}")
     load = count.sum(axis=0)
@@ -155,8 +163,8 @@ def _requests_trace(arrays: list[np.ndarray], names: list[str], source: Path) ->
             raise InputError(source, f"routed_experts[{name}]",
                              f"[seq_len, {arrays[0].shape[1]}, {arrays[0].shape[2]}] as the "
                              "first request", list(array.shape))
-    ids = np.concatenate(arrays).astype(np.int64)
-    return Trace(topk_ids=ids, num_experts=int(ids.max()) + 1 if ids.size else 1,
+    ids = np.concatenate(arrays)
+    return Trace(topk_ids=ids, num_experts=largest_id(ids) + 1,
                  seq_lens=np.array([len(a) for a in arrays], dtype=np.int64),
                  seq_labels={"seq_request": np.array(names)}, source=str(source))
 
@@ -172,40 +180,38 @@ def read_vllm_dir(path: Path, select: Sequence[str] = (), drop: Sequence[str] = 
 
 
 def is_vllm_npz(path: Path) -> bool:
-    if path.suffix != ".npz" or not path.is_file():
+    if path.suffix != ".npz" or not path.is_file() or {"topk_ids", "load"} & set(
+            npz_names(path)):
         return False
-    with np.load(path, allow_pickle=False) as data:
-        names = data.files
-        return bool(names) and not {"topk_ids", "load"} & set(names) and all(
-            data[name].ndim == 3 for name in names)
+    arrays = read_npz(path, "a numpy .npz archive")
+    return bool(arrays) and all(array.ndim == 3 for array in arrays.values())
 
 
 def read_vllm_npz(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
-    with np.load(path, allow_pickle=False) as data:
-        names = list(data.files)
-        arrays = [data[name] for name in names]
-    return _requests_trace(arrays, names, path).select(select, drop)
+    arrays = read_npz(path, "an .npz of vLLM routed_experts [seq_len, layers, topk] arrays")
+    return _requests_trace(list(arrays.values()), list(arrays), path).select(select, drop)
 
 
 def is_vllm_jsonl(path: Path) -> bool:
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with path.open() as handle:
+    # Bytes that are not UTF-8 still match; read_vllm_jsonl names the line that is wrong.
+    with path.open(errors="replace") as handle:
         return '"routed_experts"' in handle.readline()
 
 
 def read_vllm_jsonl(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
     arrays, names = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    expected = ('a JSON object with "routed_experts" [seq_len, layers, topk] (top level, or in '
+                "its first outputs / choices entry)")
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
+        request = parse_json(line, path, f"line {number}", expected)
         try:
-            request = json.loads(line)
             arrays.append(np.asarray(_routed_experts(request)))
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise InputError(path, f"line {number}", 'a JSON object with "routed_experts" '
-                             "[seq_len, layers, topk] (top level, or in its first outputs / "
-                             "choices entry)") from None
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            raise InputError(path, f"line {number}", expected) from None
         names.append(str(request.get("request_id", number - 1)))
     return _requests_trace(arrays, names, path).select(select, drop)
 
@@ -223,21 +229,21 @@ def _routed_experts(request: dict) -> object:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "file", "a numpy .npy array", exc) from None
+    return load_npy(path, "a numpy .npy array")
 
 
 def _npy_header(path: Path) -> tuple[int, np.dtype] | None:
-    """(ndim, dtype) of an ``.npy`` without reading its data; None when it is not one."""
+    """(ndim, dtype) of an ``.npy`` without reading its data; None when it is not one (an
+    ``InputError`` when it is named ``.npy`` but damaged)."""
     if path.suffix != ".npy" or not path.is_file():
         return None
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
+    array = load_npy(path, "a numpy .npy array", header_only=True)
     return array.ndim, array.dtype
+
+
+def _is_real(array: np.ndarray) -> bool:
+    """Whether an array holds real numbers (integers or floats; not bool, complex, str)."""
+    return np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
 
 
 def _named_load(path: Path) -> bool:
@@ -252,8 +258,8 @@ def is_exflow(path: Path) -> bool:
 
 def read_exflow(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
     """An ExFlow ``[tokens, layers]`` top-1 trace as ``topk_ids [tokens, layers, 1]``."""
-    ids = _load_npy(path).astype(np.int64)[:, :, None]
-    trace = Trace(topk_ids=ids, num_experts=int(ids.max()) + 1 if ids.size else 1,
+    ids = _load_npy(path)[:, :, None]
+    trace = Trace(topk_ids=ids, num_experts=largest_id(ids) + 1,
                   source=str(path))
     return trace.select(select, drop)
 
@@ -268,15 +274,23 @@ def is_loads(path: Path) -> bool:
 
 def read_loads(path: Path) -> Profile:
     """A loads-only profile from a plain ``[L, E]`` JSON, CSV or ``.npy``."""
+    expected = "numbers [layers, experts]"
+    if path.suffix == ".json":
+        load = parse_json(path.read_bytes(), path, "load", expected)
+    elif path.suffix == ".csv":
+        try:
+            with warnings.catch_warnings():  # an empty file: refused below in one line
+                warnings.simplefilter("ignore", UserWarning)
+                load = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        except ValueError as exc:
+            raise InputError(path, "load", expected, " ".join(str(exc).split())[:120]) from None
+    else:
+        load = _load_npy(path)
     try:
-        if path.suffix == ".json":
-            load = np.asarray(json.loads(path.read_text()), dtype=np.float64)
-        elif path.suffix == ".csv":
-            load = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
-        else:
-            load = _load_npy(path).astype(np.float64)
-    except (ValueError, TypeError) as exc:
-        raise InputError(path, "load", "numbers [layers, experts]", exc) from None
-    if load.ndim != 2 or load.size == 0:
-        raise InputError(path, "load", "a non-empty [layers, experts] table", list(load.shape))
-    return Profile.from_load(load, source=str(path))
+        load = np.asarray(load)
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        raise InputError(path, "load", expected, "ragged or nested lists") from None
+    if load.ndim != 2 or load.size == 0 or not _is_real(load):
+        raise InputError(path, "load", "a non-empty [layers, experts] table of numbers",
+                         f"{load.dtype} {list(load.shape)}")
+    return Profile.from_load(load.astype(np.float64), source=str(path))

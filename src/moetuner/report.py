@@ -27,7 +27,10 @@ import numpy as np  # noqa: E402
 
 from moetuner.costmodel import MODEL_NOTE  # noqa: E402
 from moetuner.counts import Replay  # noqa: E402
-from moetuner.io import write_atomic  # noqa: E402
+from moetuner.io import write_together  # noqa: E402
+
+# What write_report writes into its directory, the page last.
+FILES = ("load.png", "traffic.png", "transitions.png", "index.html")
 
 TABLE_COLUMNS = (
     ("placement", "placement", "{}"), ("exec_model", "exec", "{}"),
@@ -126,11 +129,11 @@ def write_report(
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         images[name] = buffer.getvalue()
-        write_atomic(out_dir / name, lambda handle, data=images[name]: handle.write(data),
-                     binary=True)
-    page = out_dir / "index.html"
-    write_atomic(page, lambda handle: handle.write(_html(rows, images, header, first_exec)))
-    return page
+    page = _html(rows, images, header, first_exec).encode()
+    # All files or none: a failed write leaves no PNG without its page.
+    write_together({out_dir / name: lambda handle, data=data: handle.write(data)
+                    for name, data in {**images, "index.html": page}.items()}, binary=True)
+    return out_dir / "index.html"
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -26,6 +26,7 @@ from moetuner.profile import (
     _COUNT_FIELDS,
     Profile,
     RoutingCounter,
+    check_count_size,
     chunk_tokens_for,
     half_cut,
     native_ids,
@@ -278,6 +279,7 @@ def _profile_rows(
         units = seq_lens.astype(np.int64)
         kept_lens = units if keep is None else units[keep]
     kept_tokens = tokens if kept_lens is None else int(kept_lens.sum())
+    check_count_size(layers, num_experts or 1, source)
     counter = RoutingCounter(layers, num_experts or 1, k, cut=half_cut(kept_tokens, kept_lens))
     ends = np.cumsum(units)
     first_unit, done = 0, 0
@@ -285,6 +287,7 @@ def _profile_rows(
         stop_unit = max(first_unit + 1, int(np.searchsorted(ends, done + chunk, side="right")))
         rows = read_rows(int(ends[stop_unit - 1]) - done)
         if num_experts is None and rows.size:  # E = largest id + 1, as load_trace infers it
+            check_count_size(layers, int(rows.max()) + 1, source)
             counter.grow(int(rows.max()) + 1)
         rows = native_ids(rows)
         if not _ids_valid(rows, counter.E):

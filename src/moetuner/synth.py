@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
+from moetuner.io import MAX_EXPERTS, MAX_LAYERS
 from moetuner.profile import Profile, load_profile, mutual_information
 from moetuner.trace import Trace
 
@@ -40,6 +41,9 @@ SEQUENCE_TOKENS = 512
 REDRAW_ROUNDS = 8
 # Guide-table buckets per table entry in ``_search`` (more: fewer keys step forward).
 GUIDE_BUCKETS = 4
+# Most ids (tokens x layers x k) one synthetic trace may hold: 512 Mi ids (DeepSeek-V3's
+# 58 x top-8 with a million tokens), so a bad flag is refused before it asks for the memory.
+MAX_SYNTH_IDS = 1 << 29
 # Profile of the shipped GPT-OSS-20B slice (data/gpt-oss-20b, repetitions dropped), packaged
 # so that installed copies fit synthetic traces without the repository.
 DEFAULT_LIKE = Path(__file__).resolve().parent / "data" / "gpt-oss-20b-slice-profile.npz"
@@ -104,7 +108,7 @@ def synthesize_trace(
         A ``Trace`` with ``topk_ids [T, L, k]`` (uint8 for E <= 256), sequences of
         ``SEQUENCE_TOKENS`` tokens labelled ``seq_synthetic`` and ``seq_dataset``.
     """
-    _check_shape(num_layers, num_experts, top_k, num_tokens)
+    _check_shape(num_layers, num_experts, top_k, num_tokens, seed)
     like = default_like() if like is None else like
     rng = np.random.default_rng(seed)
     shares = layer_shares(like, num_layers, num_experts, rng)                 # [L, E]
@@ -186,15 +190,20 @@ def layer_shares(like: Profile, num_layers: int, num_experts: int,
     return np.take_along_axis(shares, np.argsort(order, axis=1), axis=1)
 
 
-def _check_shape(num_layers: int, num_experts: int, top_k: int, num_tokens: int) -> None:
-    checks = [("num_layers", num_layers, 1), ("num_experts", num_experts, 1),
-              ("top_k", top_k, 1), ("num_tokens", num_tokens, 0)]
-    for name, value, lowest in checks:
-        if int(value) != value or value < lowest:
-            raise InputError("synthesize_trace", name, f"an integer >= {lowest}", value)
-    if top_k > num_experts:
-        raise InputError("synthesize_trace", "top_k", f"at most num_experts = {num_experts}",
-                         top_k)
+def _check_shape(num_layers: int, num_experts: int, top_k: int, num_tokens: int,
+                 seed: int) -> None:
+    """Refuse a shape or seed that cannot be made, before allocating anything."""
+    checks = [("--layers", "num_layers", num_layers, 1, MAX_LAYERS),
+              ("--experts", "num_experts", num_experts, 1, MAX_EXPERTS),
+              ("--topk", "top_k", top_k, 1, num_experts),
+              ("--tokens", "num_tokens", num_tokens, 0, MAX_SYNTH_IDS),
+              ("--seed", "seed", seed, 0, np.inf)]
+    for flag, name, value, lowest, highest in checks:
+        if int(value) != value or not lowest <= value <= highest:
+            raise InputError(flag, name, f"an integer in [{lowest}, {highest}]", value)
+    if num_tokens * num_layers * top_k > MAX_SYNTH_IDS:
+        raise InputError("--tokens", "num_tokens", f"tokens x layers x k at most "
+                         f"{MAX_SYNTH_IDS}", num_tokens * num_layers * top_k)
 
 
 def _layer_map(real_layers: int, num_layers: int) -> np.ndarray:
@@ -206,7 +215,7 @@ def _layer_map(real_layers: int, num_layers: int) -> np.ndarray:
 
 def _mapped_mi(like: Profile, num_layers: int) -> np.ndarray:
     """``[L-1]`` target MI (bits) per synthetic layer pair; zeros for a loads-only profile."""
-    if like.transitions_top1 is None or num_layers == 1:
+    if like.transitions_top1 is None or num_layers == 1 or like.num_layers == 1:
         return np.zeros(max(num_layers - 1, 0))
     real = _corrected_mi(like.transitions_top1)
     return real[np.minimum(_layer_map(like.num_layers, num_layers)[:-1], len(real) - 1)]

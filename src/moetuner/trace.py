@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import open_npz, write_npz
+from moetuner.io import MAX_EXPERTS, MAX_LAYERS, as_int, npz_array, open_npz, write_npz
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,12 @@ def _validate(trace: Trace) -> None:
     tokens, layers, k = ids.shape
     if layers < 1 or k < 1:
         raise InputError(src, "topk_ids", "at least one layer and k >= 1", list(ids.shape))
+    # Bounded before anything is sized by E or L (a profile allocates [L, E, E]).
+    if not 1 <= trace.num_experts <= MAX_EXPERTS:
+        raise InputError(src, "num_experts", f"an expert count in [1, {MAX_EXPERTS}] (ids "
+                         "below it)", trace.num_experts)
+    if layers > MAX_LAYERS:
+        raise InputError(src, "topk_ids", f"at most {MAX_LAYERS} MoE layers", layers)
     if tokens:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= trace.num_experts:
@@ -235,9 +241,9 @@ def _validate(trace: Trace) -> None:
         raise InputError(src, "num_experts", f"at least k = {k}", trace.num_experts)
     if trace.topk_weights is not None:
         w = trace.topk_weights
-        if w.shape != ids.shape:
-            raise InputError(src, "topk_weights", f"the shape of topk_ids {list(ids.shape)}",
-                             list(w.shape))
+        if w.shape != ids.shape or not np.issubdtype(w.dtype, np.number):
+            raise InputError(src, "topk_weights", f"numbers in the shape of topk_ids "
+                             f"{list(ids.shape)}", f"{w.dtype} {list(w.shape)}")
         if not np.isfinite(w).all():
             raise InputError(src, "topk_weights", "finite router probabilities", "NaN or inf")
     validate_sequences(src, tokens, trace.seq_lens, trace.seq_labels)
@@ -264,6 +270,14 @@ def validate_sequences(source: str, tokens: int, seq_lens: np.ndarray | None,
                          "sequence lengths, since per-sequence labels are given")
 
 
+def largest_id(ids: np.ndarray) -> int:
+    """The largest id of an integer array (0 when empty or not integer: validation then
+    says what is wrong)."""
+    if not ids.size or not np.issubdtype(ids.dtype, np.integer):
+        return 0
+    return int(ids.max())
+
+
 def load_trace(
     path: str | os.PathLike,
     select: Sequence[str] = (),
@@ -283,15 +297,17 @@ def load_trace(
     with open_npz(path, "a numpy .npz trace") as data:
         if "topk_ids" not in data.files:
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
-        ids = data["topk_ids"]
-        weights = data["topk_weights"] if "topk_weights" in data.files else None
-        seq_lens = data["seq_lens"] if "seq_lens" in data.files else None
-        labels = {name: data[name] for name in data.files
+        ids = npz_array(data, "topk_ids", path)
+        weights = npz_array(data, "topk_weights", path) if "topk_weights" in data.files else None
+        seq_lens = npz_array(data, "seq_lens", path) if "seq_lens" in data.files else None
+        labels = {name: npz_array(data, name, path) for name in data.files
                   if name.startswith("seq_") and name != "seq_lens"}
-        stored_e = int(data["num_experts"]) if "num_experts" in data.files else None
+        stored_e = (as_int(npz_array(data, "num_experts", path), path, "num_experts", 1,
+                           MAX_EXPERTS) if "num_experts" in data.files else None)
     if num_experts is None:
-        num_experts = stored_e if stored_e is not None else (int(ids.max()) + 1 if ids.size else 1)
-    if weights is not None and weights.shape == ids.shape:
+        num_experts = stored_e if stored_e is not None else largest_id(ids) + 1
+    if (weights is not None and weights.shape == ids.shape
+            and np.issubdtype(weights.dtype, np.number)):  # Trace() names anything else
         ids, weights = sort_by_weight(ids, weights)
     trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
                   seq_lens=seq_lens, seq_labels=labels, source=str(path))

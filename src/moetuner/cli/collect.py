@@ -10,6 +10,8 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.options import token_progress
 from moetuner.collect import collect_trace, load_model, read_texts
+from moetuner.errors import InputError
+from moetuner.io import check_outputs
 
 
 @command("collect")
@@ -27,6 +29,11 @@ def collect_command(
                                                "when present)")] = None,
 ) -> None:
     """Run an MoE model over text and record every MoE layer's top-k experts and weights."""
+    check_outputs([output], [data])
+    for flag, value, lowest in (("--batch-size", batch_size, 1), ("--max-length", max_length, 1),
+                                ("--decode-tokens", decode_tokens, 0)):
+        if value < lowest:
+            raise InputError(flag, flag[2:].replace("-", "_"), f"an integer >= {lowest}", value)
     texts, datasets = read_texts(data)
     loaded, tokenizer = load_model(model, device)
     progress, advance = token_progress(len(texts), f"routing {len(texts)} prompts")

@@ -40,7 +40,7 @@ from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
 from moetuner.export import read_megatron, read_sglang, read_vllm, read_vllm_ascend, sidecar_path
 from moetuner.inputs import read_trace
-from moetuner.io import read_json
+from moetuner.io import MAX_PAIR_CELLS, read_json
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
 from moetuner.placement import Placement, is_placement_file, load_placement
@@ -130,8 +130,15 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     if not loaded:
         raise InputError("PLACEMENT", "placements", "at least one placement file")
     events = read_trace(trace, select or (), drop or ())
-    cluster = cluster_from_flags(gpus or next(iter(loaded.values())).num_gpus, nodes, gpu,
-                                 intra_bw, inter_bw)
+    if not events.num_tokens:
+        raise InputError(trace, "topk_ids", "tokens to replay (the file or selection holds "
+                         "none)", 0)
+    cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
+                                 nodes, gpu, intra_bw, inter_bw)
+    if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:
+        # The replay holds a [layers, G, G] traffic matrix per placement.
+        raise InputError("--gpus", "num_gpus", f"layers x G x G at most {MAX_PAIR_CELLS}",
+                         cluster.num_gpus)
     for placement in loaded.values():
         check_compatible(placement, events, cluster)
     steps = None if batching == "none" else make_steps(

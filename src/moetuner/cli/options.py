@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.text import Text
 
 from moetuner.cluster import Cluster, make_cluster
+from moetuner.errors import InputError
 from moetuner.inputs import expand_shards, is_trace, profile_shards, shard_tokens
 from moetuner.profile import Profile
 
@@ -92,12 +93,18 @@ def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] |
     (tokens/s; ETA when every shard's header gives its length)."""
     shards = [shard for path in paths for shard in expand_shards(path)]
     if not any(is_trace(shard) for shard in shards):
-        return profile_shards(shards, select or (), drop or ())
-    sizes = [shard_tokens(shard) for shard in shards]
-    total = None if None in sizes else sum(sizes)
-    progress, advance = token_progress(total, f"profiling {len(shards)} shard(s)")
-    with progress:
-        return profile_shards(shards, select or (), drop or (), workers, advance, ray_address)
+        profile = profile_shards(shards, select or (), drop or ())
+    else:
+        sizes = [shard_tokens(shard) for shard in shards]
+        total = None if None in sizes else sum(sizes)
+        progress, advance = token_progress(total, f"profiling {len(shards)} shard(s)")
+        with progress:
+            profile = profile_shards(shards, select or (), drop or (), workers, advance,
+                                     ray_address)
+    if not profile.load.any():
+        raise InputError(", ".join(map(str, paths)), "load",
+                         "routed tokens (the files or selection hold none)", 0)
+    return profile
 
 
 ModelName = Annotated[str | None, typer.Option(

@@ -23,6 +23,7 @@ from moetuner.cli.options import (
 )
 from moetuner.errors import InputError
 from moetuner.inputs import read_trace
+from moetuner.io import check_outputs
 from moetuner.methods import PlaceOptions, SolveRecord, place
 from moetuner.methods._joint_objective import EXEC_MODELS, ROBUST
 from moetuner.placement import Placement
@@ -114,8 +115,9 @@ def place_command(
     drop: Drop = None,
 ) -> None:
     """Place the experts of traces (profiled on the fly) or profiles on GPUs."""
-    if time_limit <= 0:
-        raise InputError("--time-limit", "time_limit", "a positive number of seconds",
+    check_outputs([output], sources)
+    if not 0 < time_limit < np.inf:
+        raise InputError("--time-limit", "time_limit", "a positive finite number of seconds",
                          time_limit)
     if not 0 <= gap < 1:
         raise InputError("--gap", "gap", "a relative gap in [0, 1)", gap)
@@ -125,12 +127,18 @@ def place_command(
         raise InputError("--robust", "robust", f"one of {', '.join(ROBUST)}", robust)
     cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
     profiles = workload_profiles(sources, split_by, select, drop)
+    if not profiles or not all(p.load.any() for p in profiles):
+        raise InputError(", ".join(map(str, sources)), "tokens",
+                         "routed tokens in every workload (the selection left none)", 0)
     params = parse_params(param)
     if len(profiles) > 1:
         params["profiles"] = profiles
         if weight is None and split_by is not None:
             weight = [p.tokens for p in profiles]
     if weight is not None:
+        if not all(0 <= w < np.inf for w in weight) or not any(weight):
+            raise InputError("--weight", "weight", "finite non-negative weights, not all 0",
+                             weight)
         if len(weight) != len(profiles):
             raise InputError("--weight", "weight", f"one weight per workload ({len(profiles)})",
                              len(weight))

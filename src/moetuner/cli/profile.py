@@ -15,6 +15,7 @@ from moetuner.cli.options import (
     Workers,
     profile_paths_with_progress,
 )
+from moetuner.io import check_outputs
 
 
 @command("profile")
@@ -29,6 +30,7 @@ def profile_command(
     ray: RayAddress = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
+    check_outputs([output], traces)
     profile = profile_paths_with_progress(traces, select, drop, workers, ray)
     profile.save(output)
     skew = profile.skew()

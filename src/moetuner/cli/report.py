@@ -32,15 +32,16 @@ from moetuner.cli.options import (
     Window,
 )
 from moetuner.errors import InputError
+from moetuner.io import check_outputs
 from moetuner.profile import profile_trace
-from moetuner.report import write_report
+from moetuner.report import FILES, write_report
 
 
 @command("report")
 def report_command(
     placements: Placements,
     trace: EvalTrace,
-    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write into")],
+    output: Annotated[str, typer.Option("-o", "--output", help="directory to write into")],
     layer: Annotated[int, typer.Option(
         "--layer", help="MoE layer whose transitions to the next layer are plotted")] = 0,
     select: Select = None,
@@ -63,6 +64,10 @@ def report_command(
     interval: Interval = None,
 ) -> None:
     """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
+    if not output or (Path(output).exists() and not Path(output).is_dir()):
+        raise InputError("-o", "path", "a directory (new or existing)", repr(output))
+    check_outputs([Path(output) / name for name in FILES],
+                  [*placements, trace, *([calibration] if calibration else [])])
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration, batching,
                          concurrency, step_tokens, online, online_preset, window, interval)

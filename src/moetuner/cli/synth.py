@@ -9,6 +9,7 @@ import typer
 
 from moetuner.cli import command, console
 from moetuner.cli.options import Drop, Select, profile_with_progress
+from moetuner.io import check_outputs
 from moetuner.synth import default_like, synthesis_fit, synthesize_trace
 
 
@@ -26,6 +27,7 @@ def synth_command(
     drop: Drop = None,
 ) -> None:
     """Generate a synthetic trace whose skew and cross-layer structure follow a real one."""
+    check_outputs([output], [] if like is None else [like])
     real = default_like() if like is None else profile_with_progress(str(like), select, drop)
     trace = synthesize_trace(layers, experts, topk, tokens, like=real, seed=seed)
     trace.save(output)
