@@ -7,12 +7,13 @@ same tuple: numpy in -> numpy out, a torch tensor in -> int64 tensors on its dev
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
 from moetuner.cluster import make_cluster
-from moetuner.methods import PlaceOptions, place
+from moetuner.methods import PlaceOptions, params_class, place
 from moetuner.methods.eplb import rebalance_experts as eplb_rebalance
 from moetuner.profile import Profile
 
@@ -44,8 +45,11 @@ def rebalance_experts(
     else:
         E = load.shape[1]
         time_limit = float(params.pop("time_limit", 60.0))
+        # The group count goes to methods that take it (their settings name it).
+        names = {f.name for f in fields(params_class(method))}
+        groups = {"num_groups": num_groups} if "num_groups" in names else {}
         options = PlaceOptions(redundant=num_replicas - E, time_limit=time_limit,
-                               params={"num_groups": num_groups, **params})
+                               params={**groups, **params})
         placement, _ = place(Profile.from_load(load), make_cluster(num_gpus, num_nodes),
                              method, options)
         log2phy = np.full((placement.num_layers, E, num_replicas - E + 1), -1, dtype=np.int64)

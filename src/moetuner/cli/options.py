@@ -47,14 +47,16 @@ def token_progress(total: int, description: str) -> tuple[Progress, Callable[[in
     return progress, lambda n: progress.advance(task, n)
 
 
-def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None) -> Profile:
-    """Profile a trace with a progress bar, or read a profile file as it is."""
+def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None,
+                          **steps) -> Profile:
+    """Profile a trace with a progress bar (``steps``: sampled engine steps, as
+    ``profile_trace`` takes them), or read a profile file as it is."""
     if not is_trace(path):
         return read_profile(path, select or (), drop or ())
     trace = read_trace(path, select or (), drop or ())
     progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
     with progress:
-        return profile_trace(trace, progress=advance)
+        return profile_trace(trace, progress=advance, **steps)
 
 ModelName = Annotated[str | None, typer.Option(
     "--model", help="model preset for the cost model (default: the preset matching the trace)")]

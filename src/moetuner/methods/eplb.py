@@ -19,10 +19,12 @@ Method params: ``num_groups`` (expert groups, default 1 = global policy unless s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from moetuner.cluster import Cluster
-from moetuner.methods import PlaceOptions, SolveRecord, register
+from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, register
 from moetuner.profile import Profile
 
 
@@ -218,6 +220,19 @@ def rebalance_experts(
     return phy2log, log2phy.reshape(L, E, width), logcnt
 
 
+@dataclass(frozen=True)
+class EplbParams(MethodParams):
+    """Settings of ``eplb`` and ``eplb_fixed``.
+
+    Attributes:
+        num_groups: expert groups (None: the model preset's group count, else 1).
+        fixed: never put two replicas of one expert on one GPU.
+    """
+
+    num_groups: int | None = field(default=None, metadata={"min": 1})
+    fixed: bool = False
+
+
 def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: bool
            ) -> tuple[np.ndarray, SolveRecord]:
     slots = options.slots_per_gpu(profile.num_experts, cluster.num_gpus) * cluster.num_gpus
@@ -227,14 +242,14 @@ def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: boo
     return phy2log, SolveRecord(method="eplb_fixed" if fixed else "eplb")
 
 
-@register("eplb", may_share_gpus=True)
+@register("eplb", may_share_gpus=True, params=EplbParams)
 def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
           ) -> tuple[np.ndarray, SolveRecord]:
     """Published EPLB; may co-locate replicas (the placement then allows shared GPUs)."""
     return _solve(profile, cluster, options, fixed=bool(options.params.get("fixed", False)))
 
 
-@register("eplb_fixed")
+@register("eplb_fixed", params=EplbParams)
 def solve_fixed(profile: Profile, cluster: Cluster, options: PlaceOptions
                 ) -> tuple[np.ndarray, SolveRecord]:
     """EPLB that never puts two replicas of one expert on one GPU."""
