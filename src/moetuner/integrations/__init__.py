@@ -1,0 +1,1 @@
+"""Serving-engine integrations (EPLB policies and adapters)."""
