@@ -22,12 +22,13 @@ from moetuner.costmodel import CostCoefficients
 from moetuner.methods import Workload, parse_params
 from moetuner.methods._joint_objective import (
     build_problem,
+    layer_step_costs,
     lower_bound,
     model_for,
     objective,
     step_costs,
 )
-from moetuner.methods.joint import enumerate_rows
+from moetuner.methods.joint import LayerSearch, enumerate_rows
 from moetuner.models import get_model
 from moetuner.profile import load_profile, profiles_by_label, sample_steps
 
@@ -125,6 +126,25 @@ def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redunda
         phy2log = place(profile, cluster, method, options)[0].phy2log
         assert np.allclose(step_costs(problem, phy2log, 0),
                            reference_step_costs(problem, phy2log), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("exec_model", ["return", "follow"])
+def test_incremental_move_costs_equal_a_full_recount(exec_model):
+    profile = stepped_profile(3, 8, 2, 4, tokens=200)
+    cluster = make_cluster(4, 2)
+    problem = problem_for(profile, cluster, 4, exec_model)
+    phy2log = place(profile, cluster, "eplb_fixed", PlaceOptions(redundant=4))[0].phy2log
+    entering = layer_step_costs(problem, 0, 0, phy2log[0], problem.homes[0])[1]
+    search = LayerSearch(problem, phy2log, 1, [entering])
+    rng = np.random.default_rng(0)
+    search.kick_and_descend(rng, 2, float("inf"))
+    recount = search._combined_cost([search._count(0, search.row, None)])
+    assert search.cost == pytest.approx(recount, rel=1e-12)
+    trial = phy2log.copy()
+    trial[1] = search.final_row()
+    full = step_costs(problem, trial, 0)
+    layers = [1, 2] if exec_model == "follow" else [1]
+    assert search.cost == pytest.approx(full[layers].sum(axis=0).mean(), rel=1e-12)
 
 
 @settings(max_examples=10, deadline=None)

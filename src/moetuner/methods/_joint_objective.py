@@ -186,75 +186,128 @@ def row_log2phy(row: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarr
     return log2phy, counts
 
 
-def layer_step_costs(problem: StepProblem, q: int, layer: int, row: np.ndarray,
-                     position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cost of one layer in every sampled step of workload q.
+@dataclass(frozen=True)
+class LayerCounts:
+    """What one layer does in every sampled step, counted over a set of tokens; counts of
+    disjoint token sets add (``+``, ``-``), so a move is re-counted on the tokens it
+    touches only.
+
+    Attributes:
+        slot_pairs: ``[S, P]`` token-expert pairs each slot computes per step.
+        dispatch: four ``[S, G]`` message counts of dispatch: intra-node sent, intra-node
+            received, cross-node sent, cross-node received.
+        combine: the same for combine (``follow``), or None (``return``: the dispatch
+            messages run back).
+    """
+
+    slot_pairs: np.ndarray
+    dispatch: tuple[np.ndarray, ...]
+    combine: tuple[np.ndarray, ...] | None
+
+    def __add__(self, other: LayerCounts) -> LayerCounts:
+        return self._merge(other, 1.0)
+
+    def __sub__(self, other: LayerCounts) -> LayerCounts:
+        return self._merge(other, -1.0)
+
+    def _merge(self, other: LayerCounts, sign: float) -> LayerCounts:
+        combine = None if self.combine is None else tuple(
+            a + sign * b for a, b in zip(self.combine, other.combine, strict=True))
+        return LayerCounts(self.slot_pairs + sign * other.slot_pairs,
+                           tuple(a + sign * b for a, b in zip(self.dispatch, other.dispatch,
+                                                              strict=True)), combine)
+
+
+def layer_counts(problem: StepProblem, q: int, layer: int, row: np.ndarray,
+                 position: np.ndarray, tokens: np.ndarray | None = None
+                 ) -> tuple[LayerCounts, np.ndarray]:
+    """Count one layer of workload q over ``tokens`` (indices into the sample; all when
+    None).
 
     Args:
         row: int ``[P]`` the layer's placement (expert per slot).
-        position: int64 ``[n]`` GPU each sampled token sits on entering the layer (its home
-            under ``return``).
+        position: int64 ``[m]`` GPU each of those tokens sits on entering the layer (its
+            home under ``return``).
 
     Returns:
-        ``[S]`` seconds of dispatch + compute + combine per step, and int64 ``[n]`` the GPU
-        each token sits on after the layer (``follow``: its combine GPU).
+        The counts, and int64 ``[m]`` the GPU each token sits on after the layer (``follow``:
+        its combine GPU; ``return``: ``position``).
     """
     sample = problem.samples[q]
     G, N, spg = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
-    S, n = sample.num_steps, sample.num_tokens
-    P = G * spg
+    S, P = sample.num_steps, G * spg
     node = problem.node_of_gpu
-    ids = sample.ids[:, layer, :].astype(np.int64)                            # [n, k]
+    if tokens is None:
+        ids, token, step = sample.ids[:, layer, :], sample.token, sample.step_of
+    else:
+        ids, token, step = (sample.ids[tokens, layer, :], sample.token[tokens],
+                            sample.step_of[tokens])
+    ids = ids.astype(np.int64)                                                 # [m, k]
     log2phy, logcnt = row_log2phy(np.asarray(row, dtype=np.int64), problem.num_experts)
-    slot = _choose_replicas(ids, sample.token, position, log2phy, logcnt, spg, node,
+    slot = _choose_replicas(ids, token, position, log2phy, logcnt, spg, node,
                             problem.replica_policy)
-    gpu = slot // spg                                                          # [n, k]
-    step = sample.step_of
-    pairs = np.bincount((step[:, None] * G + gpu).ravel(), minlength=S * G).reshape(S, G)
-    used = np.bincount((step[:, None] * P + slot).ravel(), minlength=S * P) > 0
-    active = used.reshape(S, G, spg).sum(axis=2)
-    m, c, hw = problem.model, problem.coefficients, problem.hw
-    compute = gpu_compute_time(pairs, active, m, hw, c).max(axis=1)
-    present = np.zeros((n, G), dtype=bool)
-    present[np.arange(n)[:, None], gpu] = True
-    dispatch = _messages(present, position, step, sample.bounds, node, N)
+    gpu = slot // spg                                                          # [m, k]
+    slot_pairs = np.bincount((step[:, None] * P + slot).ravel(), minlength=S * P)
+    m = ids.shape[0]
+    present = np.zeros((m, G), dtype=bool)
+    present[np.arange(m)[:, None], gpu] = True
+    dispatch = _messages(present, position, step, S, node, N)
     if problem.exec_model == "return":
-        # Combine runs the same messages back: max(sent, received) is the same per GPU.
-        exchange = 2 * exchange_time(*dispatch, hw, c, m.token_bytes)
-        return compute + exchange, position
+        return LayerCounts(slot_pairs.reshape(S, P).astype(np.float64), dispatch, None), position
     centre = combine_gpu(gpu, position, G, sample.ordered)
-    sent, received, node_sent, node_received = _messages(present, centre, step, sample.bounds,
-                                                         node, N)
-    exchange = (exchange_time(*dispatch, hw, c, m.token_bytes)
-                + exchange_time(received, sent, node_received, node_sent, hw, c,
-                                m.token_bytes))
-    return compute + exchange, centre
+    combine = _messages(present, centre, step, S, node, N)
+    return (LayerCounts(slot_pairs.reshape(S, P).astype(np.float64), dispatch, combine),
+            centre)
 
 
-def _messages(present: np.ndarray, centre: np.ndarray, step: np.ndarray, bounds: np.ndarray,
+def counts_cost(problem: StepProblem, counts: LayerCounts) -> np.ndarray:
+    """``[S]`` seconds of dispatch + slowest GPU compute + combine per step."""
+    G, spg = problem.num_gpus, problem.slots_per_gpu
+    m, c, hw = problem.model, problem.coefficients, problem.hw
+    per_slot = counts.slot_pairs.reshape(-1, G, spg)
+    pairs, active = per_slot.sum(axis=2), (per_slot > 0.5).sum(axis=2)
+    compute = gpu_compute_time(pairs, active, m, hw, c).max(axis=1)
+    dispatch = exchange_time(*counts.dispatch, hw, c, m.token_bytes)
+    if counts.combine is None:
+        # Combine runs the same messages back: max(sent, received) is the same per GPU.
+        return compute + 2 * dispatch
+    sent, received, node_sent, node_received = counts.combine
+    return compute + dispatch + exchange_time(received, sent, node_received, node_sent, hw,
+                                              c, m.token_bytes)
+
+
+def layer_step_costs(problem: StepProblem, q: int, layer: int, row: np.ndarray,
+                     position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[S]`` seconds of one layer in every sampled step of workload q (module docstring),
+    and int64 ``[n]`` where each token sits after it (``layer_counts``)."""
+    counts, after = layer_counts(problem, q, layer, row, position)
+    return counts_cost(problem, counts), after
+
+
+def _messages(present: np.ndarray, centre: np.ndarray, step: np.ndarray, num_steps: int,
               node: np.ndarray, num_nodes: int) -> tuple[np.ndarray, ...]:
     """Per-step messages from each token's ``centre`` GPU to the other GPUs it is
-    ``present [n, G]`` on: ``[S, G]`` intra-node sent, intra-node received, cross-node sent
-    and cross-node received (DeepEP: one per token and remote node, received by the GPU of
-    the sender's local index). ``step [n]`` and ``bounds [S + 1]``: each token's step, and
-    the steps' (non-empty, contiguous) token ranges."""
-    n, G = present.shape
+    ``present [m, G]`` on (``step [m]``: each token's step): ``[S, G]`` intra-node sent,
+    intra-node received, cross-node sent and cross-node received (DeepEP: one per token and
+    remote node, received by the GPU of the sender's local index)."""
+    m, G = present.shape
     per_node = G // num_nodes
-    S = bounds.size - 1
-    local = node[None, :] == node[centre][:, None]                            # [n, G]
+    S = num_steps
+    local = node[None, :] == node[centre][:, None]                            # [m, G]
     intra = present & local
-    intra[np.arange(n), centre] = False
-    key = step * G + centre                                                    # [n]
+    intra[np.arange(m), centre] = False
+    key = step * G + centre                                                    # [m]
     intra_sent = np.bincount(key, weights=intra.sum(axis=1), minlength=S * G)
-    intra_received = np.add.reduceat(intra, bounds[:-1], axis=0, dtype=np.float64)
-    remote = present.reshape(n, num_nodes, per_node).any(axis=2)             # [n, N]
-    remote[np.arange(n), node[centre]] = False
+    token, dest = np.nonzero(intra)
+    intra_received = np.bincount(step[token] * G + dest, minlength=S * G)
+    remote = present.reshape(m, num_nodes, per_node).any(axis=2)             # [m, N]
+    remote[np.arange(m), node[centre]] = False
     node_sent = np.bincount(key, weights=remote.sum(axis=1), minlength=S * G)
     token, dest = np.nonzero(remote)
     receiver = dest * per_node + centre[token] % per_node
     node_received = np.bincount(step[token] * G + receiver, minlength=S * G)
-    return (intra_sent.reshape(S, G), intra_received, node_sent.reshape(S, G),
-            node_received.reshape(S, G).astype(float))
+    return tuple(a.reshape(S, G).astype(np.float64) for a in (
+        intra_sent, intra_received, node_sent, node_received))
 
 
 def step_costs(problem: StepProblem, phy2log: np.ndarray, q: int) -> np.ndarray:

@@ -47,6 +47,8 @@ from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, Workload, 
 from moetuner.methods._joint_objective import (
     StepProblem,
     build_problem,
+    counts_cost,
+    layer_counts,
     layer_step_costs,
     lower_bound,
     model_for,
@@ -234,7 +236,7 @@ def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, see
             applied = search.descend(deadline)
             applied += search.kick_and_descend(rng, kicks, deadline)
             if applied:
-                phy2log[layer] = search.row
+                phy2log[layer] = search.final_row()
                 moves += applied
                 improved = True
             positions = search.positions_after()
@@ -278,24 +280,49 @@ class LayerSearch:
         # Seconds per node message saved (dispatch and combine, averaged over the GPUs).
         self.node_message = (2 * m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
                              * (1 - 1 / problem.num_nodes) / G)
-        self.cost = self._exact(self.row)
+        # Exact counts of this layer (and, under follow, of the next, whose tokens start
+        # where this layer combines them) over all sampled tokens.
+        self.state = [self._count(q, self.row, None) for q in range(problem.num_profiles)]
+        self.cost = self._combined_cost(self.state)
 
-    def _exact(self, row: np.ndarray) -> float:
-        """Objective contribution of this layer (and the next under ``follow``) with
-        ``row``."""
+    def _count(self, q: int, row: np.ndarray, tokens: np.ndarray | None) -> tuple:
+        """(this layer's counts, positions after it, the next layer's counts or None) of
+        workload q over ``tokens`` (all when None)."""
         p = self.problem
-        means = np.zeros(p.num_profiles)
-        for q in range(p.num_profiles):
-            cost, after = layer_step_costs(p, q, self.layer, row, self.positions[q])
-            if p.exec_model == "follow" and self.next_row is not None:
-                cost = cost + layer_step_costs(p, q, self.layer + 1, self.next_row, after)[0]
-            means[q] = cost.mean()
+        position = self.positions[q] if tokens is None else self.positions[q][tokens]
+        counts, after = layer_counts(p, q, self.layer, row, position, tokens)
+        following = None
+        if p.exec_model == "follow" and self.next_row is not None:
+            following = layer_counts(p, q, self.layer + 1, self.next_row, after, tokens)[0]
+        return counts, after, following
+
+    def _combined_cost(self, state: list[tuple]) -> float:
+        p = self.problem
+        means = np.array([(counts_cost(p, counts) if following is None else
+                           counts_cost(p, counts) + counts_cost(p, following)).mean()
+                          for counts, _, following in state])
         return p.combine(means)
+
+    def _trial(self, row: np.ndarray, changed: np.ndarray) -> tuple[float, list[tuple]]:
+        """Exact cost and state with ``row``, re-counting only the tokens that chose one of
+        the ``changed`` experts (the others' slots, messages and positions are unchanged)."""
+        state = []
+        for q, (counts, after, following) in enumerate(self.state):
+            ids = self.problem.samples[q].ids[:, self.layer, :]
+            tokens = np.flatnonzero(np.isin(ids, changed).any(axis=1))
+            old_counts, _, old_following = self._count(q, self.row, tokens)
+            new_counts, new_after, new_following = self._count(q, row, tokens)
+            moved_after = after
+            if following is not None:
+                moved_after = after.copy()
+                moved_after[tokens] = new_after
+                following = following - old_following + new_following
+            state.append((counts - old_counts + new_counts, moved_after, following))
+        return self._combined_cost(state), state
 
     def positions_after(self) -> list[np.ndarray]:
         """Where every sampled token sits after this layer (its home under ``return``)."""
-        return [layer_step_costs(self.problem, q, self.layer, self.row, self.positions[q])[1]
-                for q in range(self.problem.num_profiles)]
+        return [after for _, after, _ in self.state]
 
     def _estimates(self) -> tuple[np.ndarray, np.ndarray]:
         """Estimated cost change of every swap ``[P, P]`` and every replica move ``[P, E]``
@@ -370,31 +397,37 @@ class LayerSearch:
             swap, move = self._estimates()
             flat = np.concatenate([swap.ravel(), move.ravel()])
             order = np.argsort(flat, kind="stable")[:VERIFY]
-            best_row, best_cost = None, self.cost
+            best = None
             for index in order:
                 if not np.isfinite(flat[index]):
                     break
-                row = self._moved(int(index))
-                cost = self._exact(row)
-                if cost < best_cost - 1e-12 * abs(best_cost):
-                    best_row, best_cost = row, cost
-            if best_row is None:
+                row, changed = self._moved(int(index))
+                cost, state = self._trial(row, changed)
+                if cost < (self.cost if best is None else best[0]) - 1e-12 * abs(self.cost):
+                    best = (cost, row, state)
+            if best is None:
                 return applied
-            self.row, self.cost = best_row, best_cost
+            self.cost, self.row, self.state = best
             applied += 1
         return applied
 
-    def _moved(self, index: int) -> np.ndarray:
-        """The row after move ``index`` (a flat index into swaps, then replica moves)."""
+    def _moved(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row after move ``index`` (a flat index into swaps, then replica moves) and
+        the experts whose slots it changes."""
         P = self.row.size
         row = self.row.copy()
         if index < P * P:
             s, t = divmod(index, P)
             row[s], row[t] = row[t], row[s]
-        else:
-            s, expert = divmod(index - P * P, self.problem.num_experts)
-            row[s] = expert
-        return _canonical(row, self.problem.slots_per_gpu)
+            return row, np.array([row[s], row[t]])
+        s, expert = divmod(index - P * P, self.problem.num_experts)
+        changed = np.array([row[s], expert])
+        row[s] = expert
+        return row, changed
+
+    def final_row(self) -> np.ndarray:
+        """The layer's row, each GPU's experts in ascending order."""
+        return _canonical(self.row, self.problem.slots_per_gpu)
 
     def kick_and_descend(self, rng: np.random.Generator, kicks: int, deadline: float) -> int:
         """``kicks`` times: a few random legal swaps, then descent; kept when better."""
@@ -402,20 +435,21 @@ class LayerSearch:
         for _ in range(kicks):
             if time.perf_counter() >= deadline:
                 break
-            saved_row, saved_cost = self.row.copy(), self.cost
+            saved = (self.cost, self.row.copy(), self.state)
             for _ in range(max(2, self.row.size // 16)):
                 swap = self._legal_swaps()
                 if not len(swap):
                     break
                 s, t = swap[rng.integers(len(swap))]
-                self.row[s], self.row[t] = self.row[t], self.row[s]
-                self.row = _canonical(self.row, self.problem.slots_per_gpu)
-            self.cost = self._exact(self.row)
+                row = self.row.copy()
+                row[s], row[t] = row[t], row[s]
+                self.cost, self.state = self._trial(row, np.array([row[s], row[t]]))
+                self.row = row
             gained = self.descend(deadline)
-            if self.cost < saved_cost - 1e-12 * abs(saved_cost):
+            if self.cost < saved[0] - 1e-12 * abs(saved[0]):
                 applied += gained + 1
             else:
-                self.row, self.cost = saved_row, saved_cost
+                self.cost, self.row, self.state = saved
         return applied
 
     def _legal_swaps(self) -> np.ndarray:
