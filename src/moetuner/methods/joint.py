@@ -62,7 +62,7 @@ INSTANT = ("eplb_fixed", "linear", "round_robin")
 # Largest number of placements of one layer for which the exact enumeration runs.
 EXACT_STATES = 1500
 # Share of the time limit the warm-start baselines may use, and the margin kept at the end.
-WARM_SHARE = 0.15
+WARM_SHARE = 0.25
 END_MARGIN = 0.03
 # Candidate moves re-costed exactly per descent move, and the move cap per slot and visit.
 VERIFY = 6
@@ -280,6 +280,13 @@ class LayerSearch:
         # Seconds per node message saved (dispatch and combine, averaged over the GPUs).
         self.node_message = (2 * m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
                              * (1 - 1 / problem.num_nodes) / G)
+        # [E, n] which sampled tokens chose each expert: the tokens a move re-counts.
+        self.chooses = []
+        for sample in problem.samples:
+            chooses = np.zeros((E, sample.num_tokens), dtype=bool)
+            chooses[sample.ids[:, layer, :].astype(np.int64),
+                    np.arange(sample.num_tokens)[:, None]] = True
+            self.chooses.append(chooses)
         # Exact counts of this layer (and, under follow, of the next, whose tokens start
         # where this layer combines them) over all sampled tokens.
         self.state = [self._count(q, self.row, None) for q in range(problem.num_profiles)]
@@ -308,8 +315,7 @@ class LayerSearch:
         the ``changed`` experts (the others' slots, messages and positions are unchanged)."""
         state = []
         for q, (counts, after, following) in enumerate(self.state):
-            ids = self.problem.samples[q].ids[:, self.layer, :]
-            tokens = np.flatnonzero(np.isin(ids, changed).any(axis=1))
+            tokens = np.flatnonzero(self.chooses[q][changed].any(axis=0))
             old_counts, _, old_following = self._count(q, self.row, tokens)
             new_counts, new_after, new_following = self._count(q, row, tokens)
             moved_after = after
