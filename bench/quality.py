@@ -10,21 +10,37 @@ per-step objective evaluated on ALL held-out steps (exact counts per step, not s
 Columns: mean step time (us) of each method; ratios of joint to static EPLB and to the
 best baseline.
 
-Rerun: python bench/quality.py [--quick] [--trace PATH] [--time-limit S]
+``--online W I``: instead, the online comparison on MMLU -> GPQA (return, R = G): the held-out
+decode steps replayed in order, re-placed every I steps from the loads of the last W steps
+by online EPLB (``eplb_fixed`` on the window's loads, every expert free to move) and by the
+online ``joint`` policy (``moetuner.integrations.joint_online``, the MMLU profile's affinity,
+``max_moves`` per layer); the first interval uses each method's static placement. Reports
+mean step time and slots moved.
+
+Rerun: python bench/quality.py [--quick] [--trace PATH] [--time-limit S] [--online W I]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 
 from moetuner import PlaceOptions, Trace, load_trace, make_cluster, place, profile_trace
-from moetuner.methods._joint_objective import build_problem, model_for, objective
-from moetuner.profile import sample_steps
+from moetuner.integrations.joint_online import JointOnline, JointOnlineConfig
+from moetuner.methods._joint_objective import (
+    build_problem,
+    counts_cost,
+    layer_counts,
+    model_for,
+    objective,
+)
+from moetuner.methods.eplb import rebalance_experts
+from moetuner.profile import StepSample, sample_steps
 
 TRACE = "../shared/traces/gpt-oss-20b/decode.npz"
 CLUSTERS = ((8, 2), (16, 4))
@@ -56,8 +72,14 @@ def main() -> None:
     parser.add_argument("--trace", default=TRACE)
     parser.add_argument("--quick", action="store_true", help="R = 0 only")
     parser.add_argument("--time-limit", type=float, default=10.0, help="seconds per solve")
+    parser.add_argument("--online", type=int, nargs=2, metavar=("WINDOW", "INTERVAL"),
+                        help="online comparison with this window and interval (steps)")
+    parser.add_argument("--max-moves", type=int, default=4, help="online joint's moves")
     args = parser.parse_args()
     trace = load_trace(args.trace, drop=["seq_repetition"])
+    if args.online:
+        online(trace, *args.online, args.max_moves, args.time_limit)
+        return
     columns = [*BASELINES, "joint"]
     print(f"# joint per step: {trace.source}, {trace.num_tokens} tokens, mean step time (us) "
           f"on all held-out decode steps at C = 128 x G, H200, replicas even; joint limit "
@@ -94,6 +116,68 @@ def main() -> None:
     print(f"\njoint/eplb: median {np.median(eplb):.3f}, worst {eplb.max():.3f}; "
           f"joint/best baseline: median {np.median(best):.3f}, worst {best.max():.3f}")
     print("\nrerun: python " + " ".join(sys.argv))
+
+
+def online(trace: Trace, window: int, interval: int, max_moves: int, limit: float) -> None:
+    """Online EPLB against the online joint policy on MMLU -> GPQA (module docstring)."""
+    fit, held_out = drifts(trace)["MMLU->GPQA"]
+    print(f"# online, MMLU -> GPQA, return, window {window} / interval {interval} steps, "
+          f"joint max_moves {max_moves} per layer; mean step time (us), slots moved")
+    print("| G | N | R | static eplb | online eplb | moved | static joint | online joint | moved |"
+          " online joint / online eplb |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as scratch:
+        for gpus, nodes in CLUSTERS:
+            cluster = make_cluster(gpus, nodes, "h200")
+            profile = profile_trace(fit, step_gpus=gpus)
+            path = f"{scratch}/fit.npz"
+            profile.save(path)
+            policy = JointOnline(JointOnlineConfig(profile=path, max_moves=max_moves))
+            options = PlaceOptions(redundant=gpus, exec_model="return", time_limit=limit)
+            steps = sample_steps(held_out, gpus, count=1 << 40)
+            row = [gpus, nodes, gpus]
+            for name, rebalance in (
+                    ("eplb_fixed", lambda load, old, g=gpus, n=nodes: rebalance_experts(
+                        load, old.shape[1], 1, n, g, fixed=True)[0]),
+                    ("joint", lambda load, old, g=gpus, n=nodes, p=policy: p.rebalance(
+                        load, old, g, n))):
+                start = place(profile, cluster, name, options)[0].phy2log
+                static, _ = replay(start, steps, held_out, cluster, window, 1 << 40, rebalance)
+                mean, moved = replay(start, steps, held_out, cluster, window, interval,
+                                     rebalance)
+                row += [f"{1e6 * static:.1f}", f"{1e6 * mean:.1f}", moved]
+            ratio = float(row[7]) / float(row[4])
+            print("| " + " | ".join(str(v) for v in row) + f" | {ratio:.3f} |", flush=True)
+
+
+def replay(phy2log: np.ndarray, steps: StepSample, held_out: Trace, cluster, window: int,
+           interval: int, rebalance) -> tuple[float, int]:
+    """Mean step seconds replaying ``steps`` in order, re-placing every ``interval`` steps
+    with ``rebalance(load [L, E], old [L, P])`` from the last ``window`` steps' loads, and
+    the slots whose expert changed in all."""
+    L, E = held_out.num_layers, held_out.num_experts
+    profile = replace(profile_trace(held_out), steps=steps)
+    problem = build_problem([profile], np.ones(1), cluster, phy2log.shape[1] // cluster.num_gpus,
+                            "return", "mean", model_for(profile))
+    step_load = np.zeros((steps.num_steps, L, E))
+    index = (steps.step_of[:, None, None] * L + np.arange(L)[None, :, None]) * E + steps.ids
+    step_load.reshape(-1)[:] = np.bincount(index.ravel().astype(np.int64),
+                                           minlength=steps.num_steps * L * E)
+    costs, moved = np.zeros(steps.num_steps), 0
+    current = phy2log
+    for first in range(0, steps.num_steps, interval):
+        if first:
+            new = np.asarray(rebalance(step_load[max(0, first - window):first].sum(axis=0),
+                                       current), dtype=np.int64)
+            moved += int((new != current).sum())
+            current = new
+        chunk = np.arange(first, min(first + interval, steps.num_steps))
+        tokens = np.arange(steps.bounds[chunk[0]], steps.bounds[chunk[-1] + 1])
+        homes = problem.homes[0][tokens]
+        for layer in range(L):
+            counts, _ = layer_counts(problem, 0, layer, current[layer], homes, tokens)
+            costs[chunk] += counts_cost(problem, counts)[chunk]
+    return float(costs.mean()), moved
 
 
 if __name__ == "__main__":

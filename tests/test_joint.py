@@ -332,6 +332,7 @@ def test_cli_place_joint_with_workloads(tmp_path, capsys):
     assert run(["place", slice_path, "--gpus", "4", "--nodes", "2", "--redundant", "4",
                 "--method", "joint", "--exec", "return", "--split-by", "seq_dataset",
                 "--robust", "max", "--time-limit", "2", "-o", str(out)]) == 0
+    assert "per-layer load correlation" in capsys.readouterr().out
     placement = load_placement(out)
     assert placement.replicas_on_gpu.max() == 1
     assert placement.metadata["options"]["exec_model"] == "return"

@@ -116,8 +116,8 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
                                                 2 * eval_seconds)
     best_name = min(scores, key=lambda name: scores[name][1])
     phy2log, best = scores[best_name]
-    log = ["warm start " + ", ".join(f"{name} {1e6 * value[1]:.6g} us"
-                                     for name, value in scores.items()) + f" -> {best_name}"]
+    starts = ", ".join(f"{name} {1e6 * value[1]:.6g} us" for name, value in scores.items())
+    log = [disagreement(list(workload.profiles)), f"warm start {starts} -> {best_name}"]
     bound = lower_bound(problem, options.redundant)
     name = _objective_name(problem)
     if (problem.exec_model == "return" and options.redundant == 0
@@ -147,6 +147,22 @@ def _objective_name(problem: StepProblem) -> str:
     return (f"mean step seconds over {steps} sampled steps ({problem.exec_model}, replicas "
             f"{problem.replica_policy}, {problem.robust} over {problem.num_profiles} "
             "workload(s))")
+
+
+def disagreement(profiles: list[Profile]) -> str:
+    """How much the workloads disagree: per-layer Pearson correlation of expert loads
+    between each pair of profiles."""
+    if len(profiles) < 2:
+        return "one workload"
+    loads = np.stack([p.load for p in profiles]).astype(np.float64)           # [Q, L, E]
+    centred = loads - loads.mean(axis=2, keepdims=True)
+    norm = np.sqrt((centred ** 2).sum(axis=2))                                 # [Q, L]
+    first, second = np.triu_indices(len(profiles), k=1)
+    dot = (centred[first] * centred[second]).sum(axis=2)                      # [pairs, L]
+    denom = norm[first] * norm[second]
+    corr = np.divide(dot, denom, out=np.ones_like(dot), where=denom > 0)
+    return (f"profile disagreement: per-layer load correlation mean {corr.mean():.2f}, "
+            f"min {corr.min():.2f} over {len(profiles)} profiles")
 
 
 def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
