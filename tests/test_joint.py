@@ -357,3 +357,14 @@ def test_cli_place_joint_bad_input_exits_2(tmp_path):
     assert not out.exists()
 
 
+
+
+def test_cli_profile_keeps_sampled_steps(tmp_path):
+    out = tmp_path / "p.npz"
+    assert run(["profile", str(SLICE), "--step-gpus", "2", "--concurrency", "16",
+                "-o", str(out)]) == 0
+    steps = load_profile(out).steps
+    assert steps is not None and steps.concurrency == 16
+    assert np.diff(steps.bounds).max() <= 16
+    assert run(["profile", str(SLICE), "-o", str(out)]) == 0
+    assert load_profile(out).steps is None

@@ -123,3 +123,15 @@ def test_bad_maps_are_input_errors():
         online.rebalance(np.ones((2, 8)), np.zeros((3, 8), dtype=int), 4)
     with pytest.raises(InputError):
         online.rebalance(np.ones((2, 8)), np.full((2, 8), 9), 4)
+
+
+def test_two_argument_callable_for_the_online_replay():
+    online = JointOnline(JointOnlineConfig(num_gpus=4, num_nodes=2, max_moves=2))
+    old = np.tile(np.arange(8), (2, 1))
+    new = online(np.arange(16.0).reshape(2, 8), old)
+    check_map(new, 8, 4)
+    assert ((new != old).sum(axis=1) <= 2).all() and (new != old).any()
+    with pytest.raises(InputError, match="num_gpus"):
+        JointOnline(JointOnlineConfig())(np.ones((2, 8)), old)
+    with pytest.raises(InputError, match="num_gpus"):
+        JointOnlineConfig(num_gpus=0)

@@ -20,9 +20,15 @@ def profile_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="profile .npz to write")],
     select: Select = None,
     drop: Drop = None,
+    step_gpus: Annotated[int | None, typer.Option(
+        "--step-gpus", help="also keep decode steps sampled for G GPUs (C = 128 x G running "
+        "sequences, or --concurrency), for joint's per-step objective")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", help="running sequences of the sampled decode steps")] = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
-    profiles = [profile_with_progress(str(trace), select, drop) for trace in traces]
+    steps = {} if step_gpus is None else {"step_gpus": step_gpus, "concurrency": concurrency}
+    profiles = [profile_with_progress(str(trace), select, drop, **steps) for trace in traces]
     profile = functools.reduce(operator.add, profiles)
     profile.save(output)
     skew = profile.skew()

@@ -59,12 +59,15 @@ class JointOnlineConfig:
             None (no affinity: live balance only).
         max_moves: slots whose expert may change per layer per rebalance.
         affinity: weight of the cross-node co-activation share against the load ratio.
-        num_nodes: nodes of the cluster when the caller does not say (``rebalance``).
+        num_gpus: GPUs of the cluster when the caller does not say (``rebalance`` called
+            with two arguments, as the evaluator's online replay does); None: the caller must.
+        num_nodes: nodes of the cluster when the caller does not say.
     """
 
     profile: str | None = None
     max_moves: int = 8
     affinity: float = 0.25
+    num_gpus: int | None = None
     num_nodes: int = 1
 
     def __post_init__(self) -> None:
@@ -74,10 +77,12 @@ class JointOnlineConfig:
                              self.max_moves)
         if not isinstance(self.affinity, int | float) or not self.affinity >= 0:
             raise InputError("joint online config", "affinity", "a number >= 0", self.affinity)
-        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) \
-                or self.num_nodes < 1:
-            raise InputError("joint online config", "num_nodes", "an integer >= 1",
-                             self.num_nodes)
+        for name in ("num_gpus", "num_nodes"):
+            value = getattr(self, name)
+            if value is None and name == "num_gpus":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError("joint online config", name, "an integer >= 1", value)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> JointOnlineConfig:
@@ -109,16 +114,19 @@ class JointOnline:
                   num_gpus: int | None = None, num_nodes: int | None = None,
                   max_moves: int | None = None) -> np.ndarray:
         """The new map ``[L, P]`` from live loads ``window_load [L, E]`` and the current map
-        ``old_phy2log [L, P]`` (G defaults to one slot per GPU when unknown: pass it;
-        ``max_moves`` overrides the config's)."""
+        ``old_phy2log [L, P]`` (G and N default to the config's; ``max_moves`` overrides
+        the config's)."""
         load = np.asarray(window_load, dtype=np.float64)
         old = np.asarray(old_phy2log, dtype=np.int64)
         L, E = load.shape
         if old.ndim != 2 or old.shape[0] != L or old.min() < 0 or old.max() >= E:
             raise InputError("old_phy2log", "phy2log", f"[{L}, P] expert ids below {E}",
                              list(old.shape))
-        G = num_gpus or old.shape[1]
+        G = num_gpus or self.config.num_gpus
         N = num_nodes or self.config.num_nodes
+        if G is None:
+            raise InputError("joint online config", "num_gpus",
+                             "the cluster's GPUs (config or argument)")
         if old.shape[1] % G or G % N:
             raise InputError("old_phy2log", "num_gpus", f"G dividing P = {old.shape[1]} and "
                              f"a multiple of N = {N}", G)
