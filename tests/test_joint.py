@@ -368,3 +368,20 @@ def test_cli_profile_keeps_sampled_steps(tmp_path):
     assert np.diff(steps.bounds).max() <= 16
     assert run(["profile", str(SLICE), "-o", str(out)]) == 0
     assert load_profile(out).steps is None
+
+
+def test_robust_max_minimises_the_worst_workload():
+    a, b = stepped_profile(2, 8, 2, 4, seed=1), stepped_profile(2, 8, 2, 4, seed=2)
+    cluster = make_cluster(4, 2)
+    options = PlaceOptions(exec_model="follow", time_limit=3,
+                           workload=Workload((a, b), robust="max"),
+                           params={"warm_start": INSTANT, "kicks": 1})
+    placement, record = place(a + b, cluster, "joint", options)
+    problem = build_problem([a, b], np.ones(2), cluster, 2, "follow", "max", model_for(a))
+    value = objective(problem, placement.phy2log)
+    assert value == pytest.approx(record.objective)
+    assert value == pytest.approx(max(step_costs(problem, placement.phy2log, q).sum(axis=0)
+                                      .mean() for q in range(2)))
+    for name in INSTANT.split(","):
+        baseline = place(a, cluster, name, PlaceOptions())[0]
+        assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)

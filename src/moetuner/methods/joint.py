@@ -53,6 +53,7 @@ from moetuner.methods._joint_objective import (
     lower_bound,
     model_for,
     objective,
+    step_costs,
 )
 from moetuner.placement import Placement
 from moetuner.profile import Profile
@@ -121,6 +122,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     bound = lower_bound(problem, options.redundant)
     name = _objective_name(problem)
     if (problem.exec_model == "return" and options.redundant == 0
+            and (workload.robust == "mean" or problem.num_profiles == 1)
             and _count_choices(problem.num_experts, cluster.num_gpus, slots_per_gpu)
             <= EXACT_STATES):
         rows = enumerate_rows(problem.num_experts, cluster.num_gpus, slots_per_gpu)
@@ -245,14 +247,21 @@ def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, see
     while time.perf_counter() < deadline:
         improved = False
         positions = [problem.homes[q] for q in range(problem.num_profiles)]
+        # [Q, L] mean seconds of every layer: the other layers' part of each workload's
+        # total is what a layer's moves are weighed against (it matters for robust max).
+        means = np.stack([step_costs(problem, phy2log, q).mean(axis=1)
+                          for q in range(problem.num_profiles)])
         for layer in range(problem.num_layers):
             if time.perf_counter() >= deadline:
                 return phy2log, moves, True
-            search = LayerSearch(problem, phy2log, layer, positions)
+            covered = slice(layer, layer + (2 if problem.exec_model == "follow" else 1))
+            base = means.sum(axis=1) - means[:, covered].sum(axis=1)
+            search = LayerSearch(problem, phy2log, layer, positions, base)
             applied = search.descend(deadline)
             applied += search.kick_and_descend(rng, kicks, deadline)
             if applied:
                 phy2log[layer] = search.final_row()
+                means[:, covered] = search.layer_means()
                 moves += applied
                 improved = True
             positions = search.positions_after()
@@ -270,8 +279,11 @@ class LayerSearch:
     """
 
     def __init__(self, problem: StepProblem, phy2log: np.ndarray, layer: int,
-                 positions: list[np.ndarray]) -> None:
+                 positions: list[np.ndarray], base: np.ndarray | None = None) -> None:
+        """``positions``: where each workload's tokens sit entering the layer; ``base [Q]``:
+        each workload's mean seconds in the layers this search does not cost (default 0)."""
         self.problem, self.layer = problem, layer
+        self.base = np.zeros(problem.num_profiles) if base is None else base
         self.row = phy2log[layer].copy()
         self.next_row = phy2log[layer + 1] if layer + 1 < problem.num_layers else None
         self.positions = positions
@@ -319,12 +331,19 @@ class LayerSearch:
             following = layer_counts(p, q, self.layer + 1, self.next_row, after, tokens)[0]
         return counts, after, following
 
-    def _combined_cost(self, state: list[tuple]) -> float:
+    def _layer_means(self, state: list[tuple]) -> np.ndarray:
+        """``[Q, covered layers]`` mean seconds of this layer (and the next under follow)."""
         p = self.problem
-        means = np.array([(counts_cost(p, counts) if following is None else
-                           counts_cost(p, counts) + counts_cost(p, following)).mean()
-                          for counts, _, following in state])
-        return p.combine(means)
+        return np.array([[counts_cost(p, counts).mean()] + (
+            [] if following is None else [counts_cost(p, following).mean()])
+            for counts, _, following in state])
+
+    def layer_means(self) -> np.ndarray:
+        """The current ``_layer_means``."""
+        return self._layer_means(self.state)
+
+    def _combined_cost(self, state: list[tuple]) -> float:
+        return self.problem.combine(self.base + self._layer_means(state).sum(axis=1))
 
     def _trial(self, row: np.ndarray, changed: np.ndarray) -> tuple[float, list[tuple]]:
         """Exact cost and state with ``row``, re-counting only the tokens that chose one of
