@@ -385,3 +385,12 @@ def test_robust_max_minimises_the_worst_workload():
     for name in INSTANT.split(","):
         baseline = place(a, cluster, name, PlaceOptions())[0]
         assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("method", "param"), [
+    ("eplb", "num_groups=0"), ("moetuner", "workers=abc"), ("joint", "colour=blue")])
+def test_cli_place_bad_params_exit_2(tmp_path, method, param):
+    out = tmp_path / "p.json"
+    assert run(["place", str(SLICE), "--gpus", "2", "--method", method, "--param", param,
+                "-o", str(out)]) == 2
+    assert not out.exists()
