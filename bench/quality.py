@@ -75,10 +75,11 @@ def main() -> None:
     parser.add_argument("--online", type=int, nargs=2, metavar=("WINDOW", "INTERVAL"),
                         help="online comparison with this window and interval (steps)")
     parser.add_argument("--max-moves", type=int, default=4, help="online joint's moves")
+    parser.add_argument("--affinity", type=float, default=0.25, help="online joint's affinity")
     args = parser.parse_args()
     trace = load_trace(args.trace, drop=["seq_repetition"])
     if args.online:
-        online(trace, *args.online, args.max_moves, args.time_limit)
+        online(trace, *args.online, args.max_moves, args.affinity, args.time_limit)
         return
     columns = [*BASELINES, "joint"]
     print(f"# joint per step: {trace.source}, {trace.num_tokens} tokens, mean step time (us) "
@@ -118,11 +119,13 @@ def main() -> None:
     print("\nrerun: python " + " ".join(sys.argv))
 
 
-def online(trace: Trace, window: int, interval: int, max_moves: int, limit: float) -> None:
+def online(trace: Trace, window: int, interval: int, max_moves: int, affinity: float,
+           limit: float) -> None:
     """Online EPLB against the online joint policy on MMLU -> GPQA (module docstring)."""
     fit, held_out = drifts(trace)["MMLU->GPQA"]
     print(f"# online, MMLU -> GPQA, return, window {window} / interval {interval} steps, "
-          f"joint max_moves {max_moves} per layer; mean step time (us), slots moved")
+          f"joint max_moves {max_moves} per layer, affinity {affinity:g}; mean step time "
+          "(us), slots moved")
     print("| G | N | R | static eplb | online eplb | moved | static joint | online joint | moved |"
           " online joint / online eplb |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -132,7 +135,8 @@ def online(trace: Trace, window: int, interval: int, max_moves: int, limit: floa
             profile = profile_trace(fit, step_gpus=gpus)
             path = f"{scratch}/fit.npz"
             profile.save(path)
-            policy = JointOnline(JointOnlineConfig(profile=path, max_moves=max_moves))
+            policy = JointOnline(JointOnlineConfig(profile=path, max_moves=max_moves,
+                                                   affinity=affinity))
             options = PlaceOptions(redundant=gpus, exec_model="return", time_limit=limit)
             steps = sample_steps(held_out, gpus, count=1 << 40)
             row = [gpus, nodes, gpus]
