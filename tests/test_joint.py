@@ -167,16 +167,17 @@ def test_bound_holds_and_joint_never_worse_than_its_warm_start(seed, exec_model)
         assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)
 
 
-def test_tiny_return_instance_reaches_the_brute_force_optimum():
-    profile = stepped_profile(2, 4, 2, 2, tokens=80)
+@pytest.mark.parametrize(("exec_model", "layers"), [("return", 2), ("follow", 3)])
+def test_tiny_instances_reach_the_brute_force_optimum(exec_model, layers):
+    profile = stepped_profile(layers, 4, 2, 2, tokens=80)
     cluster = make_cluster(2, 2)
     placement, record = place(profile, cluster, "joint", PlaceOptions(
-        exec_model="return", time_limit=5, params={"warm_start": INSTANT}))
-    problem = build_problem([profile], np.ones(1), cluster, 2, "return", "mean",
+        exec_model=exec_model, time_limit=5, params={"warm_start": INSTANT}))
+    problem = build_problem([profile], np.ones(1), cluster, 2, exec_model, "mean",
                             model_for(profile))
     rows = enumerate_rows(4, 2, 2)
     best = min(objective(problem, rows[list(choice)])
-               for choice in itertools.product(range(len(rows)), repeat=2))
+               for choice in itertools.product(range(len(rows)), repeat=layers))
     assert record.status == "optimal"
     assert objective(problem, placement.phy2log) == pytest.approx(best)
 

@@ -9,9 +9,9 @@ How:
 1. **Warm start.** The baselines ``linear``, ``round_robin``, ``eplb_fixed`` (and ``moetuner``
    when registered) are scored with the objective; the search starts from the best and never
    returns anything worse.
-2. **Exact path.** When every layer has at most ``EXACT_STATES`` equal-slot placements (tiny
-   instances) and the layers' costs are independent (``return``), every layer's best
-   placement is found by enumeration; status ``optimal``.
+2. **Exact path.** Tiny instances without replicas (``exact_is_optimal``): under ``return``
+   every layer's best placement by enumeration; under ``follow`` (ordered trace, ``even``
+   replicas) a dynamic program over layers; status ``optimal``.
 3. **Search.** Layer by layer (under ``follow`` in layer order, tokens sitting where the
    layer before left them), candidate moves are ranked by an estimate computed for all of
    them at once on all sampled steps (numpy): each step's GPU compute after the move
@@ -62,6 +62,7 @@ WARM_STARTS = ("eplb_fixed", "linear", "round_robin", "moetuner")
 INSTANT = ("eplb_fixed", "linear", "round_robin")
 # Largest number of placements of one layer for which the exact enumeration runs.
 EXACT_STATES = 1500
+EXACT_FOLLOW_STATES = 36
 # Share of the time limit the warm-start baselines may use, and the margin kept at the end.
 WARM_SHARE = 0.25
 END_MARGIN = 0.03
@@ -121,10 +122,8 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     log = [disagreement(list(workload.profiles)), f"warm start {starts} -> {best_name}"]
     bound = lower_bound(problem, options.redundant)
     name = _objective_name(problem)
-    if (problem.exec_model == "return" and options.redundant == 0
-            and (workload.robust == "mean" or problem.num_profiles == 1)
-            and _count_choices(problem.num_experts, cluster.num_gpus, slots_per_gpu)
-            <= EXACT_STATES):
+    if options.redundant == 0 and exact_is_optimal(
+            problem, _count_choices(problem.num_experts, cluster.num_gpus, slots_per_gpu)):
         rows = enumerate_rows(problem.num_experts, cluster.num_gpus, slots_per_gpu)
         exact = exact_placement(problem, rows)
         value = objective(problem, exact)
@@ -223,16 +222,60 @@ def enumerate_rows(num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.nd
 
 
 def exact_placement(problem: StepProblem, rows: np.ndarray) -> np.ndarray:
-    """``[L, P]`` the optimum under ``return`` (layers independent): each layer's best row."""
-    L = problem.num_layers
-    cost = np.zeros((len(rows), L))
+    """``[L, P]`` the optimum of the weighted-mean objective over placements built from
+    ``rows``.
+
+    Under ``return`` the layers are independent: each layer's best row. Under ``follow``
+    with an ordered trace and ``even`` replicas a token leaves layer l from its primary
+    expert's GPU, which only layer l's row decides, so layer l's cost depends on the rows
+    of layers l - 1 and l: a dynamic program over layers (``exact_is_optimal``).
+    """
+    L, n = problem.num_layers, len(rows)
+    if problem.exec_model == "return":
+        cost = np.zeros((n, L))
+        for index, row in enumerate(rows):
+            for q, weight in enumerate(problem.weights):
+                homes = problem.homes[q]
+                cost[index] += weight * np.array([
+                    layer_step_costs(problem, q, layer, row, homes)[0].mean()
+                    for layer in range(L)])
+        return rows[cost.argmin(axis=0)]
+    first = np.zeros(n)
     for index, row in enumerate(rows):
-        for q in range(problem.num_profiles):
-            homes = problem.homes[q]
-            layer_means = np.array([layer_step_costs(problem, q, layer, row, homes)[0].mean()
-                                    for layer in range(L)])
-            cost[index] += problem.weights[q] * layer_means
-    return rows[cost.argmin(axis=0)]
+        for q, weight in enumerate(problem.weights):
+            first[index] += weight * layer_step_costs(problem, q, 0, row, problem.homes[q]
+                                                      )[0].mean()
+    total, back = first, np.zeros((L, n), dtype=np.int64)
+    for layer in range(1, L):
+        pair = np.zeros((n, n))                                                # [prev, row]
+        for prev, prev_row in enumerate(rows):
+            for q, weight in enumerate(problem.weights):
+                # Positions after layer - 1 depend on its row alone (docstring).
+                after = layer_step_costs(problem, q, layer - 1, prev_row, problem.homes[q])[1]
+                for index, row in enumerate(rows):
+                    pair[prev, index] += weight * layer_step_costs(
+                        problem, q, layer, row, after)[0].mean()
+        candidate = total[:, None] + pair
+        back[layer] = candidate.argmin(axis=0)
+        total = candidate.min(axis=0)
+    chosen = np.empty(L, dtype=np.int64)
+    chosen[-1] = int(total.argmin())
+    for layer in range(L - 1, 0, -1):
+        chosen[layer - 1] = back[layer, chosen[layer]]
+    return rows[chosen]
+
+
+def exact_is_optimal(problem: StepProblem, num_rows: int) -> bool:
+    """Whether ``exact_placement`` over ``num_rows`` rows per layer is exact and small
+    enough: ``return`` (up to ``EXACT_STATES`` rows), or ``follow`` on ordered traces with
+    ``even`` replicas (up to ``EXACT_FOLLOW_STATES`` rows: the program costs rows^2 per
+    layer)."""
+    if problem.robust == "max" and problem.num_profiles > 1:
+        return False
+    if problem.exec_model == "return":
+        return num_rows <= EXACT_STATES
+    return (num_rows <= EXACT_FOLLOW_STATES and problem.replica_policy == "even"
+            and all(sample.ordered for sample in problem.samples))
 
 
 def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, seed: int,
