@@ -295,7 +295,7 @@ def test_sampled_decode_steps_hold_one_token_per_running_sequence():
 def test_loads_only_profiles_get_steps_drawn_from_their_loads():
     load = np.array([[5, 3, 2, 1], [1, 2, 3, 4]])
     placement, record = place(Profile.from_load(load), make_cluster(4, 2), "joint",
-                              PlaceOptions(time_limit=2))
+                              PlaceOptions(time_limit=2, exec_model="return"))
     assert placement.slots_per_gpu == 1
     assert record.bound is not None and record.bound <= record.objective + 1e-12
 
