@@ -78,6 +78,11 @@ def reference_step_costs(problem, phy2log):
                 gpus = []
                 for e in sample.ids[t, layer]:
                     slots = [i for i, x in enumerate(row) if x == e]
+                    if problem.replica_policy == "nearest":
+                        here = [i for i in slots if i // spg == where[t]]
+                        near = [i for i in slots if i // spg // per_node
+                                == where[t] // per_node]
+                        slots = here or near or slots
                     slot = slots[sample.token[t] % len(slots)]
                     used.add(slot)
                     pairs[slot // spg] += 1
@@ -116,11 +121,13 @@ def reference_step_costs(problem, phy2log):
 
 
 @pytest.mark.parametrize("exec_model", ["return", "follow"])
-@pytest.mark.parametrize(("gpus", "nodes", "redundant"), [(2, 1, 0), (4, 2, 0), (4, 2, 4)])
-def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redundant):
+@pytest.mark.parametrize(("gpus", "nodes", "redundant", "policy"), [
+    (2, 1, 0, "even"), (4, 2, 0, "even"), (4, 2, 4, "even"), (4, 2, 4, "nearest"),
+    (4, 2, 8, "nearest")])
+def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redundant, policy):
     profile = stepped_profile(2, 8, 2, gpus, tokens=120)
     cluster = make_cluster(gpus, nodes)
-    problem = problem_for(profile, cluster, redundant, exec_model)
+    problem = problem_for(profile, cluster, redundant, exec_model, policy)
     options = PlaceOptions(redundant=redundant, exec_model=exec_model)
     for method in ("linear", "eplb_fixed", "round_robin"):
         phy2log = place(profile, cluster, method, options)[0].phy2log

@@ -33,7 +33,6 @@ import numpy as np
 from moetuner.cluster import Cluster
 from moetuner.costmodel import CostCoefficients, exchange_time, gpu_compute_time
 from moetuner.errors import InputError
-from moetuner.evaluate import _choose_replicas
 from moetuner.models import MODELS, ModelSpec, model_with_shape
 from moetuner.profile import STEP_ENTRIES, Profile, StepSample
 from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU, combine_gpu
@@ -173,17 +172,38 @@ def steps_from_load(profile: Profile, num_gpus: int, count: int = 32, seed: int 
                       concurrency=per_step)
 
 
-def row_log2phy(row: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slots of each expert of one layer's ``row [P]``: ``log2phy [E, X]`` (ascending,
-    padded with -1) and ``logcnt [E]``."""
+def replica_table(row: np.ndarray, num_experts: int, num_gpus: int, node_of_gpu: np.ndarray,
+                  policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's replica choice for one layer's ``row [P]`` as a lookup (the evaluator's
+    rule, ``moetuner.evaluate``): a token t on GPU c choosing expert e takes slot
+    ``members[e, c, t mod size[e, c]]``.
+
+    ``even`` (vLLM): the tier is all of e's slots; ``nearest`` (SGLang): those on GPU c if
+    any, else those on c's node, else all. Tiers list slots in ascending order.
+
+    Returns:
+        members: int ``[E, G, X]`` each tier's slots, padded; size: int ``[E, G]``.
+    """
+    P = row.size
     order = np.argsort(row, kind="stable")
     counts = np.bincount(row, minlength=num_experts)
-    starts = np.cumsum(counts) - counts
-    sorted_experts = row[order]
-    rank = np.arange(row.size) - starts[sorted_experts]
+    rank = np.arange(P) - (np.cumsum(counts) - counts)[row[order]]
     log2phy = np.full((num_experts, max(int(counts.max()), 1)), -1, dtype=np.int64)
-    log2phy[sorted_experts, rank] = order
-    return log2phy, counts
+    log2phy[row[order], rank] = order                                         # [E, X]
+    valid = (log2phy >= 0)[:, None, :]                                        # [E, 1, X]
+    tier = np.broadcast_to(valid, (num_experts, num_gpus, log2phy.shape[1]))
+    if policy == "nearest":
+        slot_gpu = (np.maximum(log2phy, 0) // (P // num_gpus))[:, None, :]   # [E, 1, X]
+        here = np.arange(num_gpus)[None, :, None]
+        on_gpu = valid & (slot_gpu == here)
+        on_node = valid & (node_of_gpu[slot_gpu] == node_of_gpu[here])
+        tier = np.where(on_gpu.any(axis=2, keepdims=True), on_gpu,
+                        np.where(on_node.any(axis=2, keepdims=True), on_node, valid))
+    # Members first, in ascending slot order (a stable sort of "not a member").
+    pick = np.argsort(~tier, axis=2, kind="stable")
+    members = np.take_along_axis(np.broadcast_to(log2phy[:, None, :], tier.shape), pick,
+                                 axis=2)
+    return members, tier.sum(axis=2)
 
 
 @dataclass(frozen=True)
@@ -243,9 +263,10 @@ def layer_counts(problem: StepProblem, q: int, layer: int, row: np.ndarray,
         ids, token, step = (sample.ids[tokens, layer, :], sample.token[tokens],
                             sample.step_of[tokens])
     ids = ids.astype(np.int64)                                                 # [m, k]
-    log2phy, logcnt = row_log2phy(np.asarray(row, dtype=np.int64), problem.num_experts)
-    slot = _choose_replicas(ids, token, position, log2phy, logcnt, spg, node,
-                            problem.replica_policy)
+    members, size = replica_table(np.asarray(row, dtype=np.int64), problem.num_experts, G,
+                                  node, problem.replica_policy)
+    here = position[:, None]
+    slot = members[ids, here, token[:, None] % size[ids, here]]
     gpu = slot // spg                                                          # [m, k]
     slot_pairs = np.bincount((step[:, None] * P + slot).ravel(), minlength=S * P)
     m = ids.shape[0]
