@@ -46,12 +46,12 @@ class MethodParams:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_param(f, getattr(self, f.name))
+            _check_param(type(self), f, getattr(self, f.name))
 
 
-def _check_param(f, value: object) -> None:
-    """Raise ``InputError`` naming the param unless ``value`` fits field ``f``."""
-    kinds = _field_kinds(f)
+def _check_param(cls: type, f, value: object) -> None:
+    """Raise ``InputError`` naming the param unless ``value`` fits field ``f`` of ``cls``."""
+    kinds = _field_kinds(cls, f)
     if value is None and type(None) in kinds:
         return
     ok = any(isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -72,12 +72,10 @@ def _check_param(f, value: object) -> None:
         raise InputError("--param", f.name, expected, repr(value))
 
 
-def _field_kinds(f) -> tuple[type, ...]:
-    """The types a settings field accepts (``int | None`` -> (int, NoneType))."""
-    kind = f.type
-    if isinstance(kind, str):
-        kind = eval(kind, {"__builtins__": {"int": int, "float": float, "bool": bool,  # noqa: S307
-                                            "str": str, "None": None}})
+def _field_kinds(cls: type, f) -> tuple[type, ...]:
+    """The types field ``f`` of settings class ``cls`` accepts (``int | None`` -> (int,
+    NoneType))."""
+    kind = typing.get_type_hints(cls)[f.name]
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         return tuple(typing.get_args(kind))
     return (kind,)
@@ -105,7 +103,7 @@ def parse_params(method: str, pairs: list[str] | dict | MethodParams | None) -> 
         if key not in known:
             raise InputError("--param", key, f"a setting of {method}: "
                              f"{', '.join(known) or 'none'}", repr(key))
-        values[key] = _convert(known[key], raw) if isinstance(raw, str) else raw
+        values[key] = _convert(cls, known[key], raw) if isinstance(raw, str) else raw
     return cls(**values)
 
 
@@ -116,9 +114,10 @@ def _split_pair(pair: str) -> tuple[str, str]:
     return key, value
 
 
-def _convert(f, raw: str) -> object:
-    """``raw`` as the field's type (the first of its types that parses)."""
-    for kind in _field_kinds(f):
+def _convert(cls: type, f, raw: str) -> object:
+    """``raw`` as the type of field ``f`` of ``cls`` (the first of its types that parses)."""
+    kinds = _field_kinds(cls, f)
+    for kind in kinds:
         if kind is type(None):
             if raw.lower() == "none":
                 return None
@@ -131,8 +130,7 @@ def _convert(f, raw: str) -> object:
             return kind(raw)
         except ValueError:
             continue
-    kinds = " or ".join(k.__name__ for k in _field_kinds(f))
-    raise InputError("--param", f.name, kinds, repr(raw))
+    raise InputError("--param", f.name, " or ".join(k.__name__ for k in kinds), repr(raw))
 
 
 @dataclass(frozen=True)
