@@ -40,6 +40,7 @@ from moetuner.methods._joint_objective import (
     objective,
 )
 from moetuner.methods.eplb import rebalance_experts
+from moetuner.methods.joint import peak_loads
 from moetuner.profile import StepSample, sample_steps
 
 TRACE = "../shared/traces/gpt-oss-20b/decode.npz"
@@ -56,15 +57,17 @@ def drifts(trace: Trace) -> dict[str, tuple[Trace, Trace]]:
 
 
 def held_out_mean_step(phy2log: np.ndarray, held_out: Trace, cluster, exec_model: str,
-                       redundant: int) -> float:
+                       redundant: int) -> tuple[float, float]:
     """Mean step seconds of ``phy2log`` on every decode step of ``held_out`` (C = 128 x G,
-    replicas even). The one place to switch to the evaluator's per-step replay."""
+    replicas even) and the sum over steps and layers of the busiest GPU's load (the per-step
+    imbalance's numerator; its denominator is the same for every placement). The one place
+    to switch to the evaluator's per-step replay (equal to 6 digits, BENCHMARKS.md)."""
     steps = sample_steps(held_out, cluster.num_gpus, count=1 << 40)
     profile = replace(profile_trace(held_out), steps=steps)
     slots = (held_out.num_experts + redundant) // cluster.num_gpus
     problem = build_problem([profile], np.ones(1), cluster, slots, exec_model, "mean",
                             model_for(profile))
-    return objective(problem, phy2log)
+    return objective(problem, phy2log), float(peak_loads(problem, phy2log).sum())
 
 
 def main() -> None:
@@ -86,8 +89,8 @@ def main() -> None:
           f"on all held-out decode steps at C = 128 x G, H200, replicas even; joint limit "
           f"{args.time_limit:g} s")
     print("| drift | G | N | R | exec | " + " | ".join(columns)
-          + " | joint/eplb | joint/best baseline | joint s |")
-    print("|" + "---|" * (len(columns) + 8))
+          + " | joint/eplb | joint/best baseline | imbalance joint/eplb | joint s |")
+    print("|" + "---|" * (len(columns) + 9))
     ratios = []
     for drift, (fit, held_out) in drifts(trace).items():
         for gpus, nodes in CLUSTERS:
@@ -97,21 +100,22 @@ def main() -> None:
                 for exec_model in ("return", "follow"):
                     options = PlaceOptions(redundant=redundant, exec_model=exec_model,
                                            time_limit=args.time_limit)
-                    times = {}
+                    times, peaks = {}, {}
                     for name in BASELINES:
                         placement, _ = place(profile, cluster, name, options)
-                        times[name] = held_out_mean_step(placement.phy2log, held_out, cluster,
-                                                         exec_model, redundant)
+                        times[name], peaks[name] = held_out_mean_step(
+                            placement.phy2log, held_out, cluster, exec_model, redundant)
                     start = time.perf_counter()
                     placement, _ = place(profile, cluster, "joint", options)
                     solve = time.perf_counter() - start
-                    times["joint"] = held_out_mean_step(placement.phy2log, held_out, cluster,
-                                                        exec_model, redundant)
+                    times["joint"], peaks["joint"] = held_out_mean_step(
+                        placement.phy2log, held_out, cluster, exec_model, redundant)
                     best = min(times[name] for name in BASELINES)
                     ratios.append((times["joint"] / times["eplb_fixed"], times["joint"] / best))
                     print(f"| {drift} | {gpus} | {nodes} | {redundant} | {exec_model} | "
                           + " | ".join(f"{1e6 * times[name]:.1f}" for name in columns)
-                          + f" | {ratios[-1][0]:.3f} | {ratios[-1][1]:.3f} | {solve:.1f} |",
+                          + f" | {ratios[-1][0]:.3f} | {ratios[-1][1]:.3f} | "
+                          f"{peaks['joint'] / peaks['eplb_fixed']:.3f} | {solve:.1f} |",
                           flush=True)
     eplb, best = np.array(ratios).T
     print(f"\njoint/eplb: median {np.median(eplb):.3f}, worst {eplb.max():.3f}; "

@@ -28,7 +28,7 @@ from moetuner.methods._joint_objective import (
     objective,
     step_costs,
 )
-from moetuner.methods.joint import LayerSearch, enumerate_rows
+from moetuner.methods.joint import LayerSearch, enumerate_rows, peak_loads
 from moetuner.models import get_model
 from moetuner.profile import load_profile, profiles_by_label, sample_steps
 
@@ -211,6 +211,19 @@ def test_affine_experts_share_a_node_but_not_a_gpu():
     assert all(gpu[2 * i] != gpu[2 * i + 1] for i in range(4))             # two GPUs
 
 
+def test_per_step_imbalance_stays_within_the_slack_of_the_warm_start():
+    profile = stepped_profile(3, 16, 4, 4, tokens=600)
+    cluster = make_cluster(4, 2)
+    problem = problem_for(profile, cluster, 0, "return")
+    warm = place(profile, cluster, "eplb_fixed", PlaceOptions())[0].phy2log
+    for slack in (0.0, 0.02):
+        options = PlaceOptions(exec_model="return", time_limit=2, params={
+            "warm_start": "eplb_fixed", "imbalance_slack": slack})
+        placement = place(profile, cluster, "joint", options)[0]
+        assert (peak_loads(problem, placement.phy2log)
+                <= (1 + slack) * peak_loads(problem, warm) * (1 + 1e-12)).all()
+
+
 def test_replica_counts_are_chosen_not_copied():
     """With one cold expert, a warm start replicating the hottest ones is not kept when
     replicas that stay idle in most steps save weight reads: the counts may change."""
@@ -390,8 +403,8 @@ def test_robust_max_minimises_the_worst_workload():
     assert value == pytest.approx(record.objective)
     assert value == pytest.approx(max(step_costs(problem, placement.phy2log, q).sum(axis=0)
                                       .mean() for q in range(2)))
-    for name in INSTANT.split(","):
-        baseline = place(a, cluster, name, PlaceOptions())[0]
+    for name in INSTANT.split(","):   # the warm starts: placed from the workloads' sum
+        baseline = place(a + b, cluster, name, PlaceOptions())[0]
         assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)
 
 

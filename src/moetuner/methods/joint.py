@@ -82,6 +82,9 @@ class JointParams(MethodParams):
         replica_policy: the engine's replica choice the load model uses (``even``: vLLM,
             ``nearest``: SGLang).
         kicks: random kicks per layer visit.
+        imbalance_slack: a move may raise a layer's per-step busiest-GPU load (summed over
+            the sampled steps) to at most 1 + this times the warm start's, so the per-step
+            imbalance stays within that of the warm start's (EPLB's, usually).
         warm_start: comma-separated baselines to start from.
         batching, concurrency: how steps are sampled when ``place`` profiles a trace
             (decode at C running sequences, default 128 x G, or prefill chunks of C tokens).
@@ -91,6 +94,7 @@ class JointParams(MethodParams):
     calibration: str | None = None
     replica_policy: str = field(default="even", metadata={"choices": ("even", "nearest")})
     kicks: int = field(default=2, metadata={"min": 0})
+    imbalance_slack: float = field(default=0.02, metadata={"min": 0.0})
     warm_start: str = ",".join(WARM_STARTS)
     batching: str = field(default="decode", metadata={"choices": ("decode", "prefill")})
     concurrency: int | None = field(default=None, metadata={"min": 1})
@@ -133,7 +137,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         return phy2log, SolveRecord(method="joint", status="optimal", objective=best,
                                     bound=best, objective_name=name, log="; ".join(log))
     phy2log, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
-                                             params.kicks)
+                                             params.kicks, params.imbalance_slack)
     value = objective(problem, phy2log)
     if value > best:  # never worse than the warm start
         phy2log, value = scores[best_name][0], best
@@ -279,14 +283,18 @@ def exact_is_optimal(problem: StepProblem, num_rows: int) -> bool:
 
 
 def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, seed: int,
-                 kicks: int) -> tuple[np.ndarray, int, bool]:
-    """Improve ``phy2log [L, P]`` layer by layer until no layer improves or the deadline.
+                 kicks: int, imbalance_slack: float = float("inf")
+                 ) -> tuple[np.ndarray, int, bool]:
+    """Improve ``phy2log [L, P]`` layer by layer until no layer improves or the deadline;
+    no layer's per-step busiest-GPU load (summed over steps) grows above 1 +
+    ``imbalance_slack`` times the start's.
 
     Returns the placement, the moves applied and whether the deadline stopped the search.
     """
     phy2log = phy2log.copy()
     rng = np.random.default_rng(seed)
     moves = 0
+    caps = (1 + imbalance_slack) * peak_loads(problem, phy2log)                # [Q, L]
     while time.perf_counter() < deadline:
         improved = False
         positions = [problem.homes[q] for q in range(problem.num_profiles)]
@@ -299,7 +307,7 @@ def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, see
                 return phy2log, moves, True
             covered = slice(layer, layer + (2 if problem.exec_model == "follow" else 1))
             base = means.sum(axis=1) - means[:, covered].sum(axis=1)
-            search = LayerSearch(problem, phy2log, layer, positions, base)
+            search = LayerSearch(problem, phy2log, layer, positions, base, caps[:, layer])
             applied = search.descend(deadline)
             applied += search.kick_and_descend(rng, kicks, deadline)
             if applied:
@@ -322,11 +330,16 @@ class LayerSearch:
     """
 
     def __init__(self, problem: StepProblem, phy2log: np.ndarray, layer: int,
-                 positions: list[np.ndarray], base: np.ndarray | None = None) -> None:
+                 positions: list[np.ndarray], base: np.ndarray | None = None,
+                 peak_cap: np.ndarray | None = None) -> None:
         """``positions``: where each workload's tokens sit entering the layer; ``base [Q]``:
-        each workload's mean seconds in the layers this search does not cost (default 0)."""
+        each workload's mean seconds in the layers this search does not cost (default 0);
+        ``peak_cap [Q]``: the most a move may raise the layer's busiest-GPU load summed over
+        steps to (default: no cap)."""
         self.problem, self.layer = problem, layer
         self.base = np.zeros(problem.num_profiles) if base is None else base
+        self.peak_cap = (np.full(problem.num_profiles, np.inf) if peak_cap is None
+                         else peak_cap)
         self.row = phy2log[layer].copy()
         self.next_row = phy2log[layer + 1] if layer + 1 < problem.num_layers else None
         self.positions = positions
@@ -487,13 +500,20 @@ class LayerSearch:
                     break
                 row, changed = self._moved(int(index))
                 cost, state = self._trial(row, changed)
-                if cost < (self.cost if best is None else best[0]) - 1e-12 * abs(self.cost):
+                if (cost < (self.cost if best is None else best[0]) - 1e-12 * abs(self.cost)
+                        and self._within_cap(state)):
                     best = (cost, row, state)
             if best is None:
                 return applied
             self.cost, self.row, self.state = best
             applied += 1
         return applied
+
+    def _within_cap(self, state: list[tuple]) -> bool:
+        """Whether every workload's busiest-GPU load, summed over steps, is within its cap."""
+        spg = self.problem.slots_per_gpu
+        return all(_peak_sum(counts.slot_pairs, spg) <= cap * (1 + 1e-12)
+                   for (counts, _, _), cap in zip(state, self.peak_cap, strict=True))
 
     def _moved(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The row after move ``index`` (a flat index into swaps, then replica moves) and
@@ -530,7 +550,7 @@ class LayerSearch:
                 self.cost, self.state = self._trial(row, np.array([row[s], row[t]]))
                 self.row = row
             gained = self.descend(deadline)
-            if self.cost < saved[0] - 1e-12 * abs(saved[0]):
+            if self.cost < saved[0] - 1e-12 * abs(saved[0]) and self._within_cap(self.state):
                 applied += gained + 1
             else:
                 self.cost, self.row, self.state = saved
@@ -544,6 +564,25 @@ class LayerSearch:
         legal = ((self.gpu[:, None] != self.gpu[None, :])
                  & ~on_gpu[self.row][:, self.gpu].T & ~on_gpu[self.row][:, self.gpu])
         return np.argwhere(np.triu(legal, 1))
+
+
+def _peak_sum(slot_pairs: np.ndarray, slots_per_gpu: int) -> float:
+    """Busiest GPU's token-expert pairs summed over steps, from ``slot_pairs [S, P]``."""
+    S = slot_pairs.shape[0]
+    return float(slot_pairs.reshape(S, -1, slots_per_gpu).sum(axis=2).max(axis=1).sum())
+
+
+def peak_loads(problem: StepProblem, phy2log: np.ndarray) -> np.ndarray:
+    """``[Q, L]`` each layer's busiest-GPU load summed over each workload's sampled steps
+    (the numerator of the per-step imbalance; its denominator does not depend on the
+    placement)."""
+    out = np.zeros((problem.num_profiles, problem.num_layers))
+    for q in range(problem.num_profiles):
+        position = problem.homes[q]
+        for layer in range(problem.num_layers):
+            counts, position = layer_counts(problem, q, layer, phy2log[layer], position)
+            out[q, layer] = _peak_sum(counts.slot_pairs, problem.slots_per_gpu)
+    return out
 
 
 def _canonical(row: np.ndarray, slots_per_gpu: int) -> np.ndarray:
