@@ -65,7 +65,7 @@ EXACT_STATES = 1500
 EXACT_FOLLOW_STATES = 36
 # Share of the time limit the warm-start baselines may use, and the margin kept at the end.
 WARM_SHARE = 0.25
-END_MARGIN = 0.03
+END_MARGIN = 0.05
 # Candidate moves re-costed exactly per descent move, and the move cap per slot and visit.
 VERIFY = 6
 MOVES_PER_SLOT = 2
@@ -119,7 +119,7 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     names = tuple(name.strip() for name in params.warm_start.split(",") if name.strip())
     scores, eval_seconds = _warm_starts(profile, cluster, options, problem, names, start)
     deadline = start + options.time_limit - max(options.time_limit * END_MARGIN,
-                                                2 * eval_seconds)
+                                                3 * eval_seconds)
     best_name = min(scores, key=lambda name: scores[name][1])
     phy2log, best = scores[best_name]
     starts = ", ".join(f"{name} {1e6 * value[1]:.6g} us" for name, value in scores.items())
