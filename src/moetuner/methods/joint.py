@@ -17,10 +17,12 @@ How:
    them at once on all sampled steps (numpy): each step's GPU compute after the move
    (exact pairs and used slots per step, replicas sharing an expert's tokens evenly) plus
    the node-level co-activation saving (one DeepEP message for experts on one node). The
-   best ``VERIFY`` are re-costed exactly on every sampled step and the best improving one
-   is applied. Moves: swapping two slots' experts between GPUs, and (with redundant slots)
-   giving a replica slot to another expert, so replica counts are the method's own. Then
-   random kicks followed by descent, kept when they help.
+   best ``VERIFY`` are re-costed exactly on every sampled step (only the tokens a move
+   touches are re-counted: ``LayerCounts`` add and subtract) and the best improving one is
+   applied, unless it raises the layer's per-step busiest-GPU load above the warm start's
+   by more than ``imbalance_slack``. Moves: swapping two slots' experts between GPUs, and
+   (with redundant slots) giving a replica slot to another expert, so replica counts are
+   the method's own. Then random kicks followed by descent, kept when they help.
 4. **Bound.** ``lower_bound``: gap = (objective - bound) / objective.
 
 Hierarchy: the estimate rewards co-activated experts on one node and, through each step's
