@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SLICE
+from conftest import SLICE, random_trace
 from moetuner import (
     InputError,
     PlaceOptions,
@@ -18,183 +18,322 @@ from moetuner import (
     profile_trace,
 )
 from moetuner.cli import run
+from moetuner.costmodel import CostCoefficients
+from moetuner.methods import Workload, parse_params
 from moetuner.methods._joint_objective import (
     build_problem,
-    fractions,
-    layer_costs,
-    load_correlation,
+    layer_step_costs,
     lower_bound,
     model_for,
     objective,
+    step_costs,
 )
-from moetuner.methods.joint import (
-    LayerSearch,
-    enumerate_rows,
-    exact_placement,
-)
-from moetuner.profile import profiles_by_label
+from moetuner.methods.joint import LayerSearch, enumerate_rows, peak_loads
+from moetuner.models import get_model
+from moetuner.profile import load_profile, profiles_by_label, sample_steps
 
 # The instant baselines: ``moetuner`` as a warm start is cut by a wall-clock share.
-INSTANT = ["eplb_fixed", "linear", "round_robin"]
+INSTANT = "eplb_fixed,linear,round_robin"
 
 
-def random_profile(layers, experts, k, tokens=400, seed=0, skew=2.0):
-    """A profile of a random trace with skewed experts and some cross-layer structure."""
+def stepped_profile(layers, experts, k, gpus, tokens=400, seed=0, sequences=12):
+    """A profile with sampled decode steps of a random skewed trace."""
     rng = np.random.default_rng(seed)
-    popularity = rng.random((layers, experts)) ** skew
+    popularity = rng.random((layers, experts)) ** 2
     scores = rng.random((tokens, layers, experts)) * popularity
-    scores[:, 1:] += 0.5 * scores[:, :-1]  # a token's next-layer choice leans on this one's
     ids = np.argsort(-scores, axis=2)[:, :, :k]
-    return profile_trace(Trace(topk_ids=ids, num_experts=experts))
+    cuts = np.sort(rng.integers(1, tokens, sequences - 1))
+    seq_lens = np.diff(np.concatenate([[0], cuts, [tokens]]))
+    # Weights make the trace ordered (column 0 the primary), as the reference assumes.
+    weights = np.take_along_axis(scores, ids, axis=2)
+    trace = Trace(topk_ids=ids, num_experts=experts, seq_lens=seq_lens, topk_weights=weights)
+    assert trace.ordered
+    return profile_trace(trace, step_gpus=gpus, concurrency=4 * gpus)
 
 
-def problem_for(profiles, cluster, redundant, exec_model, robust="mean", weights=None):
-    slots = (profiles[0].num_experts + redundant) // cluster.num_gpus
-    weights = np.ones(len(profiles)) if weights is None else np.asarray(weights)
-    return build_problem(profiles, weights, cluster, slots, exec_model, robust,
-                         model_for(profiles[0]))
+def problem_for(profile, cluster, redundant, exec_model, policy="even"):
+    slots = (profile.num_experts + redundant) // cluster.num_gpus
+    return build_problem([profile], np.ones(1), cluster, slots, exec_model, "mean",
+                         get_model("olmoe-1b-7b"), replica_policy=policy)
 
 
-def brute_force(problem):
-    rows = enumerate_rows(problem.num_experts, problem.num_gpus, problem.slots_per_gpu)
-    return min(objective(problem, rows[list(choice)])
-               for choice in itertools.product(range(len(rows)), repeat=problem.num_layers))
+def reference_step_costs(problem, phy2log):
+    """``[L, S]`` the per-step cost, token by token with Python loops (the semantics of
+    ``_joint_objective``'s docstring, written independently)."""
+    sample, home = problem.samples[0], problem.homes[0]
+    G, N, spg = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
+    per_node = G // N
+    m, c, hw = problem.model, problem.coefficients, problem.hw
+    pair_s = 2 * m.expert_params / (hw["peak_flops"] * c.compute_efficiency)
+    read_s = m.expert_weight_bytes / (hw["memory_bandwidth"] * c.memory_efficiency)
+    intra_s = m.token_bytes / (hw["intra_bandwidth"] * c.network_efficiency)
+    inter_s = m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
+    L = problem.num_layers
+    out = np.zeros((L, sample.num_steps))
+    for s in range(sample.num_steps):
+        tokens = range(sample.bounds[s], sample.bounds[s + 1])
+        where = {t: int(home[t]) for t in tokens}
+        for layer in range(L):
+            row = list(phy2log[layer])
+            pairs, used = [0] * G, set()
+            sets = {}
+            for t in tokens:
+                gpus = []
+                for e in sample.ids[t, layer]:
+                    slots = [i for i, x in enumerate(row) if x == e]
+                    if problem.replica_policy == "nearest":
+                        here = [i for i in slots if i // spg == where[t]]
+                        near = [i for i in slots if i // spg // per_node
+                                == where[t] // per_node]
+                        slots = here or near or slots
+                    slot = slots[sample.token[t] % len(slots)]
+                    used.add(slot)
+                    pairs[slot // spg] += 1
+                    gpus.append(slot // spg)
+                sets[t] = gpus
+            compute = max(max(pairs[g] * pair_s,
+                              sum(1 for x in used if x // spg == g) * read_s)
+                          for g in range(G))
+
+            def exchange(centres, tokens=tokens, sets=sets):
+                sent, recv = [0] * G, [0] * G
+                nsent, nrecv = [0] * G, [0] * G
+                for t in tokens:
+                    c0 = centres[t]
+                    for g in set(sets[t]) - {c0}:
+                        if g // per_node == c0 // per_node:
+                            sent[c0] += 1
+                            recv[g] += 1
+                    for v in {g // per_node for g in sets[t]} - {c0 // per_node}:
+                        nsent[c0] += 1
+                        nrecv[v * per_node + c0 % per_node] += 1
+                busy = [max(sent[g], recv[g]) * intra_s + max(nsent[g], nrecv[g]) * inter_s
+                        for g in range(G)]
+                latency = (hw["inter_latency"] if any(nsent) else
+                           hw["intra_latency"] if any(sent) else 0.0)
+                return max(busy) + latency
+
+            dispatch = exchange(where)
+            if problem.exec_model == "return":
+                combine = dispatch
+            else:
+                where = {t: sets[t][0] for t in tokens}  # ordered: the primary's GPU
+                combine = exchange(where)
+            out[layer, s] = dispatch + compute + combine
+    return out
 
 
 @pytest.mark.parametrize("exec_model", ["return", "follow"])
-@pytest.mark.parametrize(("experts", "gpus", "nodes", "redundant"),
-                         [(4, 2, 1, 0), (4, 2, 2, 0), (4, 2, 2, 2), (6, 3, 3, 0)])
-def test_tiny_instances_reach_the_brute_force_optimum(exec_model, experts, gpus, nodes,
-                                                      redundant):
-    layers = 3 if experts == 4 else 2
-    profile = random_profile(layers, experts, 2, seed=experts + redundant)
+@pytest.mark.parametrize(("gpus", "nodes", "redundant", "policy"), [
+    (2, 1, 0, "even"), (4, 2, 0, "even"), (4, 2, 4, "even"), (4, 2, 4, "nearest"),
+    (4, 2, 8, "nearest")])
+def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redundant, policy):
+    profile = stepped_profile(2, 8, 2, gpus, tokens=120)
     cluster = make_cluster(gpus, nodes)
-    placement, record = place(profile, cluster, "joint",
-                              PlaceOptions(redundant=redundant, exec_model=exec_model))
-    problem = problem_for([profile], cluster, redundant, exec_model)
+    problem = problem_for(profile, cluster, redundant, exec_model, policy)
+    options = PlaceOptions(redundant=redundant, exec_model=exec_model)
+    for method in ("linear", "eplb_fixed", "round_robin"):
+        phy2log = place(profile, cluster, method, options)[0].phy2log
+        assert np.allclose(step_costs(problem, phy2log, 0),
+                           reference_step_costs(problem, phy2log), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("exec_model", ["return", "follow"])
+def test_incremental_move_costs_equal_a_full_recount(exec_model):
+    profile = stepped_profile(3, 8, 2, 4, tokens=200)
+    cluster = make_cluster(4, 2)
+    problem = problem_for(profile, cluster, 4, exec_model)
+    phy2log = place(profile, cluster, "eplb_fixed", PlaceOptions(redundant=4))[0].phy2log
+    entering = layer_step_costs(problem, 0, 0, phy2log[0], problem.homes[0])[1]
+    search = LayerSearch(problem, phy2log, 1, [entering])
+    rng = np.random.default_rng(0)
+    search.kick_and_descend(rng, 2, float("inf"))
+    recount = search._combined_cost([search._count(0, search.row, None)])
+    assert search.cost == pytest.approx(recount, rel=1e-12)
+    trial = phy2log.copy()
+    trial[1] = search.final_row()
+    full = step_costs(problem, trial, 0)
+    layers = [1, 2] if exec_model == "follow" else [1]
+    assert search.cost == pytest.approx(full[layers].sum(axis=0).mean(), rel=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), exec_model=st.sampled_from(["return", "follow"]))
+def test_bound_holds_and_joint_never_worse_than_its_warm_start(seed, exec_model):
+    profile = stepped_profile(2, 8, 2, 4, tokens=160, seed=seed)
+    cluster = make_cluster(4, 2)
+    options = PlaceOptions(redundant=4, exec_model=exec_model, seed=seed, time_limit=3,
+                           params={"warm_start": INSTANT, "kicks": 1})
+    placement, record = place(profile, cluster, "joint", options)
+    assert placement.replicas_on_gpu.max() == 1
+    problem = problem_for(profile, cluster, 4, exec_model)
+    problem = build_problem([profile], np.ones(1), cluster, 3, exec_model, "mean",
+                            model_for(profile))
+    value = objective(problem, placement.phy2log)
+    assert value == pytest.approx(record.objective)
+    assert lower_bound(problem, 4) <= value + 1e-15
+    for name in INSTANT.split(","):
+        baseline = place(profile, cluster, name, PlaceOptions(redundant=4))[0]
+        assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("exec_model", "layers"), [("return", 2), ("follow", 3)])
+def test_tiny_instances_reach_the_brute_force_optimum(exec_model, layers):
+    profile = stepped_profile(layers, 4, 2, 2, tokens=80)
+    cluster = make_cluster(2, 2)
+    placement, record = place(profile, cluster, "joint", PlaceOptions(
+        exec_model=exec_model, time_limit=5, params={"warm_start": INSTANT}))
+    problem = build_problem([profile], np.ones(1), cluster, 2, exec_model, "mean",
+                            model_for(profile))
+    rows = enumerate_rows(4, 2, 2)
+    best = min(objective(problem, rows[list(choice)])
+               for choice in itertools.product(range(len(rows)), repeat=layers))
     assert record.status == "optimal"
-    assert record.objective == pytest.approx(brute_force(problem), rel=1e-9)
-    assert objective(problem, placement.phy2log) == pytest.approx(record.objective, rel=1e-9)
+    assert objective(problem, placement.phy2log) == pytest.approx(best)
 
 
-def test_exact_program_matches_brute_force_with_two_profiles():
-    profiles = [random_profile(3, 4, 2, seed=s) for s in (1, 2)]
-    problem = problem_for(profiles, make_cluster(2, 2), 0, "follow", weights=[0.3, 0.7])
-    assert objective(problem, exact_placement(problem)) == pytest.approx(brute_force(problem))
-
-
-@pytest.mark.parametrize("exec_model", ["return", "follow"])
-def test_swap_search_deltas_match_the_objective(exec_model):
-    profiles = [random_profile(3, 12, 3, seed=s) for s in (3, 4)]
+def test_affine_experts_share_a_node_but_not_a_gpu():
+    """Experts 2i and 2i + 1 always fire together (top-2), and most tokens of a step pick
+    the same pair (bursts). On 4 GPUs in 2 nodes with 2 slots each, the best placement keeps
+    every pair on one node (one DeepEP message) and on two GPUs of it (the burst splits)."""
+    rng = np.random.default_rng(0)
+    steps, per_step = 16, 2048
+    burst = np.repeat(np.arange(steps) % 4, per_step)
+    pair = np.where(rng.random(steps * per_step) < 0.8, burst,
+                    rng.integers(0, 4, steps * per_step))[:, None]
+    ids = np.stack([2 * pair, 2 * pair + 1], axis=2)                # [T, 1, 2]
+    trace = Trace(topk_ids=ids, num_experts=8)
+    profile = profile_trace(trace, step_gpus=4, concurrency=per_step)
     cluster = make_cluster(4, 2)
-    problem = problem_for(profiles, cluster, 4, exec_model, robust="max")
-    phy2log = place(profiles[0], cluster, "linear", PlaceOptions(redundant=4))[0].phy2log
-    totals = layer_costs(problem, phy2log).sum(axis=1)
-    X = fractions(problem, phy2log)
-    search = LayerSearch(problem, 1, phy2log[1], X[0], X[2], totals)
-    search.kick(np.random.default_rng(0), 5)
-    search.descend(float("inf"))
-    after = phy2log.copy()
-    after[1] = search.row()
-    assert np.allclose(layer_costs(problem, after).sum(axis=1), totals + search.delta,
-                       rtol=1e-9, atol=0)
+    options = PlaceOptions(exec_model="return", time_limit=10,
+                           params={"warm_start": "linear", "model": "qwen3-30b-a3b"})
+    placement, _ = place(profile, cluster, "joint", options)
+    gpu = np.empty(8, dtype=int)
+    gpu[placement.phy2log[0]] = np.arange(8) // 2
+    assert all(gpu[2 * i] // 2 == gpu[2 * i + 1] // 2 for i in range(4))   # one node
+    assert all(gpu[2 * i] != gpu[2 * i + 1] for i in range(4))             # two GPUs
 
 
-def test_robust_max_equals_mean_with_one_profile():
-    profile = random_profile(4, 16, 4, seed=5)
+def test_per_step_imbalance_stays_within_the_slack_of_the_warm_start():
+    profile = stepped_profile(3, 16, 4, 4, tokens=600)
     cluster = make_cluster(4, 2)
-    results = []
-    for robust in ("mean", "max"):
-        placement, record = place(profile, cluster, "joint", PlaceOptions(
-            redundant=4, exec_model="follow",
-            params={"robust": robust, "workers": 1, "warm_start": INSTANT}))
-        results.append((placement.phy2log, record.objective))
-    assert np.array_equal(results[0][0], results[1][0])
-    assert results[0][1] == results[1][1]
+    problem = problem_for(profile, cluster, 0, "return")
+    warm = place(profile, cluster, "eplb_fixed", PlaceOptions())[0].phy2log
+    for slack in (0.0, 0.02):
+        options = PlaceOptions(exec_model="return", time_limit=2, params={
+            "warm_start": "eplb_fixed", "imbalance_slack": slack})
+        placement = place(profile, cluster, "joint", options)[0]
+        assert (peak_loads(problem, placement.phy2log)
+                <= (1 + slack) * peak_loads(problem, warm) * (1 + 1e-12)).all()
 
 
-def test_never_worse_than_the_best_baseline_and_deterministic():
-    profile = random_profile(4, 16, 4, seed=6)
-    cluster = make_cluster(8, 2)
-    problem = problem_for([profile], cluster, 8, "return")
-    runs = [place(profile, cluster, "joint", PlaceOptions(
-        redundant=8, exec_model="return", seed=3, params={"warm_start": INSTANT}))
-            for _ in range(2)]
-    assert np.array_equal(runs[0][0].phy2log, runs[1][0].phy2log)
-    for name in ("linear", "round_robin", "eplb_fixed"):
-        baseline, _ = place(profile, cluster, name, PlaceOptions(redundant=8))
-        assert runs[0][1].objective <= objective(problem, baseline.phy2log) + 1e-15
-    assert runs[0][1].status == "heuristic" and "warm start" in runs[0][1].log
-
-
-def test_time_limit_path_returns_a_valid_placement():
-    profile = random_profile(6, 32, 4, seed=7)
-    cluster = make_cluster(8, 2)
-    placement, record = place(profile, cluster, "joint",
-                              PlaceOptions(redundant=8, time_limit=0.01, exec_model="follow"))
+def test_replica_counts_are_chosen_not_copied():
+    """With one cold expert, a warm start replicating the hottest ones is not kept when
+    replicas that stay idle in most steps save weight reads: the counts may change."""
+    profile = stepped_profile(1, 8, 2, 4, tokens=200)
+    cluster = make_cluster(4, 1)
+    options = PlaceOptions(redundant=4, exec_model="return", time_limit=3,
+                           params={"warm_start": "eplb_fixed"})
+    placement, record = place(profile, cluster, "joint", options)
+    warm = place(profile, cluster, "eplb_fixed", PlaceOptions(redundant=4))[0]
+    problem = problem_for(profile, cluster, 4, "return")
+    problem = build_problem([profile], np.ones(1), cluster, 3, "return", "mean",
+                            model_for(profile))
+    assert record.objective <= objective(problem, warm.phy2log)
     assert placement.replicas_on_gpu.max() == 1
-    assert record.status in ("time_limit", "heuristic")
-    problem = problem_for([profile], cluster, 8, "follow")
-    linear, _ = place(profile, cluster, "linear", PlaceOptions(redundant=8))
-    assert record.objective <= objective(problem, linear.phy2log) + 1e-15
-    assert record.bound <= record.objective
 
 
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), gpus=st.sampled_from([2, 4]), nodes=st.sampled_from([1, 2]),
-       extra=st.integers(0, 2), exec_model=st.sampled_from(["return", "follow"]),
-       robust=st.sampled_from(["mean", "max"]))
-def test_replicas_never_share_a_gpu_and_bounds_hold(seed, gpus, nodes, extra, exec_model,
-                                                    robust):
-    experts, redundant = 8, extra * gpus
-    profiles = [random_profile(3, experts, 2, tokens=200, seed=seed + i) for i in range(2)]
-    cluster = make_cluster(gpus, nodes)
-    options = PlaceOptions(redundant=redundant, exec_model=exec_model, time_limit=2,
-                           params={"profiles": profiles, "robust": robust, "workers": 1})
-    placement, record = place(profiles[0] + profiles[1], cluster, "joint", options)
-    assert placement.replicas_on_gpu.max() == 1
-    problem = problem_for(profiles, cluster, redundant, exec_model, robust)
-    bound = lower_bound(problem, redundant)
-    assert record.bound <= record.objective + 1e-15
-    assert bound <= objective(problem, placement.phy2log) + 1e-15
-    rng = np.random.default_rng(seed)
-    for name in ("linear", "round_robin", "eplb_fixed"):
-        baseline, _ = place(profiles[0], cluster, name, PlaceOptions(redundant=redundant))
-        assert bound <= objective(problem, baseline.phy2log) + 1e-15
-        shuffled = rng.permuted(baseline.phy2log, axis=1)
-        if (np.sort(shuffled.reshape(3, gpus, -1), axis=2)[:, :, 1:]
-                != np.sort(shuffled.reshape(3, gpus, -1), axis=2)[:, :, :-1]).all():
-            assert bound <= objective(problem, shuffled) + 1e-15
-
-
-def test_profile_disagreement_is_reported():
-    a, b = random_profile(3, 8, 2, seed=1), random_profile(3, 8, 2, seed=2)
-    corr = load_correlation([a, a, b])
-    assert corr.shape == (3, 3, 3) and np.allclose(corr[0, 1], 1.0)
-    assert np.all(corr[0, 2] < 1.0)
-    _, record = place(a + b, make_cluster(2), "joint",
-                      PlaceOptions(params={"profiles": [a, b], "weights": [1, 3]}))
-    assert "per-layer load correlation" in record.log
-
-
-@pytest.mark.parametrize(("options", "field"), [
-    (PlaceOptions(exec_model="sideways"), "exec_model"),
-    (PlaceOptions(params={"robust": "median"}), "robust"),
-    (PlaceOptions(params={"weights": [1, 2]}), "weights"),
-    (PlaceOptions(params={"model": "gpt-5"}), "model"),
-    (PlaceOptions(params={"warm_start": ["nothing"]}), "warm_start"),
+@pytest.mark.parametrize(("method", "pairs", "field"), [
+    ("eplb", ["num_groups=0"], "num_groups"),
+    ("moetuner", ["workers=abc"], "workers"),
+    ("joint", ["kicks=-1"], "kicks"),
+    ("joint", ["replica_policy=random"], "replica_policy"),
+    ("joint", ["colour=blue"], "colour"),
+    ("linear", ["anything=1"], "anything"),
+    ("joint", ["kicks"], "param"),
 ])
-def test_bad_requests_are_input_errors(options, field):
-    with pytest.raises(InputError) as error:
-        place(random_profile(2, 8, 2), make_cluster(2), "joint", options)
-    assert error.value.field == field
+def test_bad_params_are_input_errors_naming_the_param(method, pairs, field):
+    with pytest.raises(InputError) as err:
+        parse_params(method, pairs)
+    assert field in str(err.value)
+
+
+def test_params_parse_to_typed_settings():
+    eplb = parse_params("eplb", ["num_groups=4", "fixed=true"])
+    assert (eplb.num_groups, eplb.fixed) == (4, True)
+    assert parse_params("eplb", []).num_groups is None
+    joint = parse_params("joint", ["kicks=3", "concurrency=256", "model=gpt-oss-20b"])
+    assert (joint.kicks, joint.concurrency, joint.model) == (3, 256, "gpt-oss-20b")
+
+
+def test_bad_seed_is_an_input_error():
+    with pytest.raises(InputError, match="seed"):
+        place(stepped_profile(1, 4, 2, 2), make_cluster(2), "linear", PlaceOptions(seed=-1))
+
+
+@pytest.mark.parametrize(("workload", "field"), [
+    (lambda p: Workload((p,), robust="median"), "robust"),
+    (lambda p: Workload((p,), weights=(1.0, 2.0)), "weight"),
+])
+def test_bad_workloads_are_input_errors(workload, field):
+    with pytest.raises(InputError, match=field):
+        workload(stepped_profile(1, 4, 2, 2))
 
 
 def test_profiles_of_another_shape_are_rejected():
-    options = PlaceOptions(params={"profiles": [random_profile(2, 8, 2),
-                                                random_profile(3, 8, 2)]})
+    workload = Workload((stepped_profile(2, 8, 2, 2), stepped_profile(3, 8, 2, 2)))
     with pytest.raises(InputError):
-        place(random_profile(2, 8, 2), make_cluster(2), "joint", options)
+        place(workload, make_cluster(2), "joint", PlaceOptions(time_limit=1))
+
+
+def test_sampled_steps_round_trip_and_add(tmp_path):
+    trace = load_trace(str(SLICE))
+    profile = profile_trace(trace, step_gpus=4)
+    steps = profile.steps
+    assert steps is not None and steps.concurrency == 512
+    assert np.array_equal(steps.home(4), steps.slot % 4)
+    path = tmp_path / "p.npz"
+    profile.save(path)
+    back = load_profile(path).steps
+    for name in ("ids", "bounds", "slot", "token"):
+        assert np.array_equal(getattr(back, name), getattr(steps, name))
+    both = (profile + profile).steps
+    assert both.num_steps == 2 * steps.num_steps
+    assert np.array_equal(both.ids[steps.num_tokens:], steps.ids)
+
+
+def test_sampled_decode_steps_hold_one_token_per_running_sequence():
+    rng = np.random.default_rng(1)
+    trace = random_trace(rng, 300, 2, 8, 2, sequences=20)
+    sample = sample_steps(trace, 2, concurrency=6, count=10_000)
+    assert sample.num_tokens == 300
+    sizes = np.diff(sample.bounds)
+    assert sizes.max() <= 6
+    # A sequence's tokens are in consecutive steps on one slot.
+    seq = np.repeat(np.arange(20), trace.seq_lens)[sample.token]
+    for s in range(sample.num_steps):
+        assert len(set(seq[sample.bounds[s]:sample.bounds[s + 1]])) == sizes[s]
+
+
+def test_loads_only_profiles_get_steps_drawn_from_their_loads():
+    load = np.array([[5, 3, 2, 1], [1, 2, 3, 4]])
+    placement, record = place(Profile.from_load(load), make_cluster(4, 2), "joint",
+                              PlaceOptions(time_limit=2, exec_model="return"))
+    assert placement.slots_per_gpu == 1
+    assert record.bound is not None and record.bound <= record.objective + 1e-12
+
+
+def test_calibration_changes_costs(tmp_path):
+    profile = stepped_profile(1, 8, 2, 2)
+    path = tmp_path / "c.json"
+    CostCoefficients(memory_efficiency=0.1, compute_efficiency=0.1).save(path)
+    options = PlaceOptions(time_limit=1, exec_model="return",
+                           params={"warm_start": "linear", "kicks": 0})
+    slow = place(profile, make_cluster(2), "joint",
+                 PlaceOptions(**{**options.__dict__, "params": {
+                     "warm_start": "linear", "kicks": 0, "calibration": str(path)}}))[1]
+    fast = place(profile, make_cluster(2), "joint", options)[1]
+    assert slow.objective > fast.objective
 
 
 def test_profiles_by_label_partition_the_trace():
@@ -217,14 +356,13 @@ def test_cli_place_joint_with_workloads(tmp_path, capsys):
     assert run(["place", slice_path, "--gpus", "4", "--nodes", "2", "--redundant", "4",
                 "--method", "joint", "--exec", "return", "--split-by", "seq_dataset",
                 "--robust", "max", "--time-limit", "2", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "per-layer load correlation" in printed
+    assert "per-layer load correlation" in capsys.readouterr().out
     placement = load_placement(out)
     assert placement.replicas_on_gpu.max() == 1
     assert placement.metadata["options"]["exec_model"] == "return"
     assert len(placement.metadata["profile"]) == 3  # one provenance entry per data set
     # Workloads are recorded by provenance, not by their count arrays.
-    workloads = placement.metadata["options"]["params"]["profiles"]
+    workloads = placement.metadata["options"]["workload"]["profiles"]
     assert [set(w) for w in workloads] == [{"provenance", "tokens"}] * 3
     assert out.stat().st_size < 50_000
     profile = tmp_path / "p.npz"
@@ -243,9 +381,40 @@ def test_cli_place_joint_bad_input_exits_2(tmp_path):
     assert not out.exists()
 
 
-def test_one_slot_per_gpu_has_a_bound():
-    load = np.array([[5, 3, 2, 1], [1, 2, 3, 4]])
-    placement, record = place(Profile.from_load(load), make_cluster(4, 2), "joint",
-                              PlaceOptions(time_limit=2))
-    assert placement.slots_per_gpu == 1
-    assert record.bound is not None and record.bound <= record.objective + 1e-12
+
+
+def test_cli_profile_keeps_sampled_steps(tmp_path):
+    out = tmp_path / "p.npz"
+    assert run(["profile", str(SLICE), "--step-gpus", "2", "--concurrency", "16",
+                "-o", str(out)]) == 0
+    steps = load_profile(out).steps
+    assert steps is not None and steps.concurrency == 16
+    assert np.diff(steps.bounds).max() <= 16
+    assert run(["profile", str(SLICE), "-o", str(out)]) == 0
+    assert load_profile(out).steps is None
+
+
+def test_robust_max_minimises_the_worst_workload():
+    a, b = stepped_profile(2, 8, 2, 4, seed=1), stepped_profile(2, 8, 2, 4, seed=2)
+    cluster = make_cluster(4, 2)
+    options = PlaceOptions(exec_model="follow", time_limit=3,
+                           workload=Workload((a, b), robust="max"),
+                           params={"warm_start": INSTANT, "kicks": 1})
+    placement, record = place(a + b, cluster, "joint", options)
+    problem = build_problem([a, b], np.ones(2), cluster, 2, "follow", "max", model_for(a))
+    value = objective(problem, placement.phy2log)
+    assert value == pytest.approx(record.objective)
+    assert value == pytest.approx(max(step_costs(problem, placement.phy2log, q).sum(axis=0)
+                                      .mean() for q in range(2)))
+    for name in INSTANT.split(","):   # the warm starts: placed from the workloads' sum
+        baseline = place(a + b, cluster, name, PlaceOptions())[0]
+        assert value <= objective(problem, baseline.phy2log) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("method", "param"), [
+    ("eplb", "num_groups=0"), ("moetuner", "workers=abc"), ("joint", "colour=blue")])
+def test_cli_place_bad_params_exit_2(tmp_path, method, param):
+    out = tmp_path / "p.json"
+    assert run(["place", str(SLICE), "--gpus", "2", "--method", method, "--param", param,
+                "-o", str(out)]) == 2
+    assert not out.exists()

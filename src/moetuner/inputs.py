@@ -22,7 +22,7 @@ import numpy as np
 
 from moetuner import readers
 from moetuner.errors import InputError
-from moetuner.io import load_npy, npz_names
+from moetuner.io import failure_reason, load_npy, npz_names
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import (
@@ -168,12 +168,18 @@ def profile_shard(
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file", "an existing trace or profile file")
-    if "topk_ids" in npz_keys(path):
-        return stream_canonical_profile(path, select, drop, chunk_tokens, progress)
-    if readers.is_exflow(path):
-        return stream_exflow_profile(path, select, drop, chunk_tokens, progress)
-    if readers.is_vllm_dir(path) or readers.is_vllm_npz(path):
-        return stream_vllm_profile(path, select, drop, chunk_tokens, progress)
+    stream = (stream_canonical_profile if "topk_ids" in npz_keys(path)
+              else stream_exflow_profile if readers.is_exflow(path)
+              else stream_vllm_profile if readers.is_vllm_dir(path) or readers.is_vllm_npz(path)
+              else None)
+    if stream is not None:
+        try:
+            return stream(path, select, drop, chunk_tokens, progress)
+        except InputError:
+            raise
+        except Exception as exc:  # numpy, zipfile and zlib raise many types on damaged bytes
+            raise InputError(path, "file", "a readable trace shard", failure_reason(exc)
+                             ) from None
     if is_trace(path):
         return profile_trace(_read_trace_file(path, select, drop), chunk_tokens, progress)
     if select or drop:

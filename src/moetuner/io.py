@@ -136,7 +136,7 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     write_atomic(path, lambda handle: np.save(handle, array), binary=True)
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """A short, one-line account of why a library could not read a file."""
     text = " ".join(str(exc).split())[:120]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -148,7 +148,7 @@ def parse_json(text: str | bytes, source: str | os.PathLike, field: str, expecte
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise InputError(source, field, expected, _reason(exc)) from None
+        raise InputError(source, field, expected, failure_reason(exc)) from None
 
 
 def _refuse_constant(name: str) -> None:
@@ -163,7 +163,7 @@ def read_json(path: str | os.PathLike, expected: str) -> Any:
     except FileNotFoundError:
         raise InputError(path, "file", f"an existing file: {expected}") from None
     except OSError as exc:
-        raise InputError(path, "file", expected, _reason(exc)) from None
+        raise InputError(path, "file", expected, failure_reason(exc)) from None
     return parse_json(text, path, "file", expected)
 
 
@@ -175,7 +175,7 @@ def load_npy(path: str | os.PathLike, expected: str, header_only: bool = False) 
     except FileNotFoundError:
         raise InputError(path, "file", f"an existing file: {expected}") from None
     except Exception as exc:  # numpy, zipfile and zlib raise many types on damaged bytes
-        raise InputError(path, "file", expected, _reason(exc)) from None
+        raise InputError(path, "file", expected, failure_reason(exc)) from None
     if not isinstance(array, np.ndarray):
         raise InputError(path, "file", expected, "an .npz archive")
     return array
@@ -189,7 +189,7 @@ def open_npz(path: str | os.PathLike, expected: str) -> np.lib.npyio.NpzFile:
     except FileNotFoundError:
         raise InputError(path, "file", f"an existing file: {expected}") from None
     except Exception as exc:  # numpy, zipfile and zlib raise many types on damaged bytes
-        raise InputError(path, "file", expected, _reason(exc)) from None
+        raise InputError(path, "file", expected, failure_reason(exc)) from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(path, "file", expected, "a single .npy array")
     return data
@@ -202,7 +202,7 @@ def npz_array(data: np.lib.npyio.NpzFile, name: str, source: str | os.PathLike) 
         return data[name]
     except Exception as exc:  # numpy, zipfile and zlib raise many types on damaged bytes
         raise InputError(source, name, "a readable numpy array (not pickled)",
-                         _reason(exc)) from None
+                         failure_reason(exc)) from None
 
 
 def npz_names(path: str | os.PathLike, expected: str = "a numpy .npz archive") -> list[str]:

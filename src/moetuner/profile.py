@@ -11,6 +11,8 @@ Counting conventions (L MoE layers, E experts, k experts per token):
   (one pair per token; the ``follow`` execution model moves a token with its primary expert).
 - ``coactivation[l, i, j]``: tokens that chose both i and j in layer l; symmetric, with
   ``coactivation[l, i, i] == load[l, i]``.
+- ``steps`` (optional, ``StepSample``): a few engine steps drawn from the trace the way the
+  evaluator forms them (``moetuner.steps``), kept token by token, for per-step objectives.
 
 All counts are computed in bounded-memory chunks by one compiled (numba) pass over each
 chunk that increments the four count arrays in place: about ten times the speed of the
@@ -19,6 +21,7 @@ chunk that increments the four count arrays in place: about ten times the speed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -33,17 +36,125 @@ from moetuner.io import (
     MAX_EXPERTS,
     MAX_LAYERS,
     MAX_PAIR_CELLS,
+    as_bool,
     as_int,
     parse_json,
     read_npz,
     write_npz,
 )
+from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU, decode_steps, prefill_steps
 from moetuner.trace import Trace, first_sequences
 
 # Routing records (token x layer x k) per chunk: a few MB of ids whatever the trace length.
 CHUNK_ELEMENTS = 1 << 22
 
 _COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
+# Budget of sampled token-layer-choice entries kept per profile (uint16: 64 MiB at most) and
+# the default number of sampled steps.
+STEP_ENTRIES = 1 << 25
+STEP_COUNT = 128
+# vLLM's default max_num_batched_tokens (chunked prefill), as moetuner.steps.make_steps.
+DEFAULT_STEP_TOKENS = 8192
+_STEP_FIELDS = ("step_ids", "step_bounds", "step_slot", "step_token")
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """Engine steps sampled from a trace, token by token (what per-step objectives need).
+
+    Size: ``n * L * k`` uint16 ids plus three ``[n]`` int arrays, n = sampled tokens (the
+    sample is cut to ``STEP_ENTRIES`` ids: 64 MiB at most).
+
+    Attributes:
+        ids: uint16 ``[n, L, k]`` chosen experts of the sampled tokens, in step order
+            (columns primary first when ``ordered``).
+        bounds: int64 ``[S + 1]`` step s holds tokens ``bounds[s]:bounds[s + 1]``.
+        slot: int64 ``[n]`` running-sequence slot (``decode``) or position in the step
+            (``prefill``) of each token; its home GPU follows from it (``home``).
+        token: int64 ``[n]`` index of each token in its trace (the hash of replica choice).
+        batching: ``decode`` or ``prefill``.
+        concurrency: running sequences C (``decode``) or tokens per step (``prefill``).
+        ordered: whether column 0 of ``ids`` is the primary (highest-weight) expert.
+    """
+
+    ids: np.ndarray
+    bounds: np.ndarray
+    slot: np.ndarray
+    token: np.ndarray
+    batching: str
+    concurrency: int
+    ordered: bool = True
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.bounds.shape[0] - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def step_of(self) -> np.ndarray:
+        """int64 ``[n]`` step of each sampled token."""
+        return np.repeat(np.arange(self.num_steps, dtype=np.int64), np.diff(self.bounds))
+
+    def home(self, num_gpus: int) -> np.ndarray:
+        """int64 ``[n]`` home GPU of each token on G GPUs (as ``moetuner.steps`` homes it)."""
+        if self.batching == "decode":
+            return self.slot % num_gpus
+        sizes = np.diff(self.bounds)
+        return self.slot * num_gpus // np.repeat(sizes, sizes)
+
+    def __add__(self, other: StepSample) -> StepSample:
+        """Both samples' steps (the second's after the first's); both must be formed alike."""
+        if (self.batching, self.concurrency, self.ids.shape[1:]) != (
+                other.batching, other.concurrency, other.ids.shape[1:]):
+            raise InputError("profiles", "steps", f"steps formed like the first profile's "
+                             f"({self.batching}, {self.concurrency})",
+                             f"{other.batching}, {other.concurrency}")
+        return StepSample(ids=np.concatenate([self.ids, other.ids]),
+                          bounds=np.concatenate([self.bounds, self.bounds[-1]
+                                                 + other.bounds[1:]]),
+                          slot=np.concatenate([self.slot, other.slot]),
+                          token=np.concatenate([self.token, other.token]),
+                          batching=self.batching, concurrency=self.concurrency,
+                          ordered=self.ordered and other.ordered)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The sample as ``.npz`` arrays (``Profile.save``)."""
+        return {"step_ids": self.ids, "step_bounds": self.bounds, "step_slot": self.slot,
+                "step_token": self.token,
+                "step_meta_json": np.asarray(json.dumps({
+                    "batching": self.batching, "concurrency": self.concurrency,
+                    "ordered": self.ordered}))}
+
+
+def sample_steps(trace: Trace, num_gpus: int, batching: str = "decode",
+                 concurrency: int | None = None, count: int = STEP_COUNT, seed: int = 0
+                 ) -> StepSample:
+    """Draw ``count`` steps of ``trace`` formed as the evaluator forms them
+    (``moetuner.steps.make_steps``: decode at C = ``concurrency``, default 128 x G, or
+    prefill chunks of ``concurrency`` tokens, default 8192), fewer when the sample would
+    exceed ``STEP_ENTRIES`` ids (never fewer than one step)."""
+    if batching not in ("decode", "prefill"):
+        raise InputError("--batching", "batching", "decode or prefill (sampled steps)",
+                         repr(batching))
+    if batching == "decode":
+        concurrency = concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus
+        # Formed on C "GPUs", a token's home is its slot; its home on G GPUs is slot mod G.
+        steps = decode_steps(trace.seq_lens, trace.num_tokens, concurrency, concurrency)
+    else:
+        concurrency = concurrency or DEFAULT_STEP_TOKENS
+        steps = prefill_steps(trace.num_tokens, concurrency, num_gpus)
+    per_step = max(float(steps.sizes.mean()), 1.0) * trace.num_layers * trace.top_k
+    count = max(1, min(int(count), int(STEP_ENTRIES // per_step)))
+    picked = steps.sample(count, seed)
+    within = np.arange(picked.num_tokens) - np.repeat(picked.bounds[:-1], picked.sizes)
+    slot = picked.home if batching == "decode" else within
+    return StepSample(ids=trace.topk_ids[picked.order].astype(np.uint16),
+                      bounds=picked.bounds, slot=slot.astype(np.int64),
+                      token=picked.order.astype(np.int64), batching=batching,
+                      concurrency=int(concurrency), ordered=bool(getattr(trace, "ordered", True)))
 
 
 @dataclass(frozen=True)
@@ -62,6 +173,8 @@ class Profile:
             of the trace, or None (unknown, e.g. after summing profiles).
         stability_transitions: ``[L-1]`` the same for the transition matrices, or None.
         provenance: one dict per source (``source``, ``selection``, ``tokens``).
+        steps: engine steps sampled token by token (``StepSample``), or None. Adding two
+            profiles keeps both samples' steps (concatenated) when both have one.
     """
 
     load: np.ndarray
@@ -74,6 +187,7 @@ class Profile:
     stability_transitions: np.ndarray | None = None
     provenance: list[dict] = field(default_factory=list)
     source: str = "<memory>"
+    steps: StepSample | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -110,10 +224,12 @@ class Profile:
         for name in _COUNT_FIELDS[1:]:
             a, b = getattr(self, name), getattr(other, name)
             counts[name] = a + b if a is not None and b is not None else None
+        steps = (self.steps + other.steps if self.steps is not None
+                 and other.steps is not None else None)
         return Profile(load=self.load + other.load, top_k=self.top_k,
                        tokens=self.tokens + other.tokens, **counts,
                        provenance=self.provenance + other.provenance,
-                       source=f"{self.source} + {other.source}")
+                       source=f"{self.source} + {other.source}", steps=steps)
 
     def skew(self) -> np.ndarray:
         """``[L]`` busiest expert's load / mean expert load per layer (1.0 = uniform)."""
@@ -138,6 +254,8 @@ class Profile:
         for name in ("stability_load", "stability_transitions"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
+        if self.steps is not None:
+            arrays.update(self.steps.arrays())
         arrays["top_k"] = np.asarray(self.top_k)
         arrays["tokens"] = np.asarray(self.tokens)
         arrays["provenance_json"] = np.asarray(json.dumps(self.provenance))
@@ -202,6 +320,11 @@ def _validate(p: Profile) -> None:
     if not isinstance(p.provenance, list) or not all(isinstance(e, dict) for e in p.provenance):
         raise InputError(src, "provenance_json", "a JSON list of objects",
                          type(p.provenance).__name__)
+    if p.steps is not None:
+        ids = p.steps.ids
+        if ids.shape[1:] != (L, p.top_k) or (ids.size and int(ids.max()) >= E):
+            raise InputError(src, "step_ids", f"[n, {L}, {p.top_k}] expert ids below {E}",
+                             f"{list(ids.shape)}")
 
 
 def check_count_size(num_layers: int, num_experts: int, source: str) -> None:
@@ -353,6 +476,9 @@ def profile_trace(
     trace: Trace,
     chunk_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
+    step_gpus: int | None = None,
+    batching: str = "decode",
+    concurrency: int | None = None,
 ) -> Profile:
     """Count a trace's routing statistics in streaming chunks.
 
@@ -363,6 +489,8 @@ def profile_trace(
         trace: the routing trace.
         chunk_tokens: tokens per chunk (bounds memory); default from ``chunk_tokens_for``.
         progress: called with the number of tokens counted after each chunk.
+        step_gpus: when given, also keep engine steps sampled for G GPUs (``sample_steps``
+            with ``batching`` and ``concurrency``) for per-step objectives.
     """
     check_count_size(trace.num_layers, trace.num_experts, trace.source)
     chunk = chunk_tokens or chunk_tokens_for(trace.num_layers, trace.num_experts, trace.top_k)
@@ -374,18 +502,21 @@ def profile_trace(
             progress(ids.shape[0])
     provenance = [{"source": trace.source, "selection": trace.selection,
                    "tokens": trace.num_tokens}]
-    return counter.profile(provenance, trace.source)
+    steps = (None if step_gpus is None or not trace.num_tokens
+             else sample_steps(trace, step_gpus, batching, concurrency))
+    return dataclasses.replace(counter.profile(provenance, trace.source), steps=steps)
 
 
-def profiles_by_label(trace: Trace, label: str) -> list[Profile]:
+def profiles_by_label(trace: Trace, label: str, **steps) -> list[Profile]:
     """One profile per value of the per-sequence label ``label`` (e.g. ``seq_category``).
 
-    Passed as ``params["profiles"]`` (with their token counts as weights), they make
+    Passed as a ``Workload`` (with their token counts as weights), they make
     ``joint`` minimise the expected objective over the sub-workloads, which hedges a static
     placement against a change of the mix (drift) instead of fitting one aggregate.
+    ``steps`` (``step_gpus``, ``batching``, ``concurrency``) go to ``profile_trace``.
     """
     labels = trace.labels(label)
-    return [profile_trace(trace.take_sequences(labels == value, f"{label}={value}"))
+    return [profile_trace(trace.take_sequences(labels == value, f"{label}={value}"), **steps)
             for value in sorted(set(labels.tolist()))]
 
 
@@ -395,6 +526,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     arrays = read_npz(path, "a numpy .npz profile")
     if "load" not in arrays:
         raise InputError(path, "load", "an array [layers, experts] in the .npz")
+    steps = _read_steps(path, arrays)
     top_k = as_int(arrays.pop("top_k", 1), path, "top_k", 1, MAX_EXPERTS)
     tokens = as_int(arrays.pop("tokens", 0), path, "tokens", 0)
     provenance_json = arrays.pop("provenance_json", np.asarray("[]"))
@@ -407,5 +539,33 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if unknown:
         raise InputError(path, ", ".join(sorted(unknown)), f"only the fields {sorted(known)}")
     return Profile(**arrays, top_k=top_k, tokens=tokens, provenance=provenance,
-                   source=str(path))
+                   source=str(path), steps=steps)
+
+
+def _read_steps(path: Path, arrays: dict[str, np.ndarray]) -> StepSample | None:
+    """Pop and check the ``step_*`` arrays of a profile file (None when there are none)."""
+    if "step_ids" not in arrays:
+        return None
+    missing = [name for name in (*_STEP_FIELDS, "step_meta_json") if name not in arrays]
+    if missing:
+        raise InputError(path, missing[0], "every step_* array of a sampled-steps profile")
+    ids, bounds, slot, token = (np.asarray(arrays.pop(name)) for name in _STEP_FIELDS)
+    for name, array in zip(_STEP_FIELDS, (ids, bounds, slot, token), strict=True):
+        if not np.issubdtype(array.dtype, np.integer) or (array.size and array.min() < 0):
+            raise InputError(path, name, "non-negative integers", str(array.dtype))
+    meta_json = arrays.pop("step_meta_json")
+    meta = parse_json(str(meta_json), path, "step_meta_json", "a JSON object")
+    if not isinstance(meta, dict) or meta.get("batching") not in ("decode", "prefill", "none"):
+        raise InputError(path, "step_meta_json", "an object with batching, concurrency, ordered",
+                         meta)
+    concurrency = as_int(meta.get("concurrency"), path, "step_meta_json.concurrency", 1)
+    ordered = as_bool(meta.get("ordered"), path, "step_meta_json.ordered")
+    n = ids.shape[0] if ids.ndim == 3 else -1
+    if (n < 0 or bounds.ndim != 1 or bounds.size < 2 or bounds[0] != 0 or bounds[-1] != n
+            or (np.diff(bounds) < 0).any() or slot.shape != (n,) or token.shape != (n,)):
+        raise InputError(path, "step_bounds", "steps [S + 1] covering the [n, L, k] step_ids",
+                         f"{list(bounds.shape)} for {list(ids.shape)}")
+    return StepSample(ids=ids, bounds=bounds.astype(np.int64), slot=slot.astype(np.int64),
+                      token=token.astype(np.int64), batching=meta["batching"],
+                      concurrency=concurrency, ordered=ordered)
 

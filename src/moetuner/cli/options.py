@@ -21,8 +21,8 @@ from rich.text import Text
 
 from moetuner.cluster import Cluster, make_cluster
 from moetuner.errors import InputError
-from moetuner.inputs import expand_shards, is_trace, profile_shards, shard_tokens
-from moetuner.profile import Profile
+from moetuner.inputs import expand_shards, is_trace, profile_shards, read_trace, shard_tokens
+from moetuner.profile import Profile, profile_trace
 
 Select = Annotated[
     list[str] | None,
@@ -80,10 +80,19 @@ def token_progress(total: int | None, description: str, unit: str = "tokens"
 
 
 def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None,
-                          workers: int = 1) -> Profile:
+                          workers: int = 1, **steps) -> Profile:
     """Profile a trace, profile and add the shards of a directory or glob, or read a profile
-    file as it is; a progress bar shows traces being counted."""
-    return profile_paths_with_progress([path], select, drop, workers)
+    file as it is; a progress bar shows traces being counted. ``steps`` (sampled engine
+    steps, as ``profile_trace`` takes them) need the whole trace in memory: the shards of a
+    trace are then concatenated, not streamed."""
+    if not steps or not is_trace(path):
+        return profile_paths_with_progress([path], select, drop, workers)
+    trace = read_trace(path, select or (), drop or ())
+    if not trace.num_tokens:
+        raise InputError(path, "load", "routed tokens (the file or selection holds none)", 0)
+    progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
+    with progress:
+        return profile_trace(trace, progress=advance, **steps)
 
 
 def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] | None,

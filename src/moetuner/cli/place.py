@@ -24,8 +24,8 @@ from moetuner.cli.options import (
 from moetuner.errors import InputError
 from moetuner.inputs import read_trace
 from moetuner.io import check_outputs
-from moetuner.methods import PlaceOptions, SolveRecord, place
-from moetuner.methods._joint_objective import EXEC_MODELS, ROBUST
+from moetuner.methods import PlaceOptions, SolveRecord, Workload, methods, parse_params, place
+from moetuner.methods._joint_objective import EXEC_MODELS
 from moetuner.placement import Placement
 from moetuner.profile import Profile, profiles_by_label
 
@@ -37,24 +37,6 @@ def gpu_load_ratio(placement: Placement, profile: Profile) -> np.ndarray:
     gpu_load = np.einsum("le,leg->lg", per_copy, placement.replicas_on_gpu)
     mean = gpu_load.mean(axis=1)
     return np.divide(gpu_load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
-
-
-def parse_params(pairs: list[str] | None) -> dict:
-    """``KEY=VALUE`` strings to a dict (numbers parsed as such)."""
-    params = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError("--param", "param", "KEY=VALUE", repr(pair))
-        for kind in (int, float):
-            try:
-                params[key] = kind(value)
-                break
-            except ValueError:
-                continue
-        else:
-            params[key] = value
-    return params
 
 
 def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
@@ -72,13 +54,14 @@ def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
 
 
 def workload_profiles(sources: list[Path], split_by: str | None, select: list[str] | None,
-                      drop: list[str] | None) -> list[Profile]:
-    """One profile per input, or per value of the label ``split_by`` in each input trace."""
+                      drop: list[str] | None, **steps) -> list[Profile]:
+    """One profile per input, or per value of the label ``split_by`` in each input trace;
+    traces keep engine steps sampled as ``steps`` says (``profile_trace``)."""
     if split_by is None:
-        return [profile_with_progress(str(source), select, drop) for source in sources]
+        return [profile_with_progress(str(source), select, drop, **steps) for source in sources]
     return [part for source in sources
             for part in profiles_by_label(read_trace(source, select or (), drop or ()),
-                                          split_by)]
+                                          split_by, **steps)]
 
 
 @command("place")
@@ -123,32 +106,25 @@ def place_command(
         raise InputError("--gap", "gap", "a relative gap in [0, 1)", gap)
     if exec_model not in (None, *EXEC_MODELS):
         raise InputError("--exec", "exec_model", f"one of {', '.join(EXEC_MODELS)}", exec_model)
-    if robust not in (None, *ROBUST):
-        raise InputError("--robust", "robust", f"one of {', '.join(ROBUST)}", robust)
+    if method not in methods():
+        raise InputError("--method", "method", f"one of {', '.join(methods())}", repr(method))
+    params = parse_params(method, param)
     cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
-    profiles = workload_profiles(sources, split_by, select, drop)
+    # Per-step objectives need engine steps sampled for this cluster.
+    profiles = workload_profiles(sources, split_by, select, drop, step_gpus=gpus,
+                                 batching=params.get("batching", "decode"),
+                                 concurrency=params.get("concurrency"))
     if not profiles or not all(p.load.any() for p in profiles):
         raise InputError(", ".join(map(str, sources)), "tokens",
                          "routed tokens in every workload (the selection left none)", 0)
-    params = parse_params(param)
-    if len(profiles) > 1:
-        params["profiles"] = profiles
-        if weight is None and split_by is not None:
-            weight = [p.tokens for p in profiles]
-    if weight is not None:
-        if not all(0 <= w < np.inf for w in weight) or not any(weight):
-            raise InputError("--weight", "weight", "finite non-negative weights, not all 0",
-                             weight)
-        if len(weight) != len(profiles):
-            raise InputError("--weight", "weight", f"one weight per workload ({len(profiles)})",
-                             len(weight))
-        params["weights"] = list(weight)
-    if robust is not None:
-        params["robust"] = robust
+    if weight is None and split_by is not None:
+        weight = [p.tokens for p in profiles]
+    workload = Workload(tuple(profiles), None if weight is None else tuple(weight),
+                        robust or "mean")
     options = PlaceOptions(redundant=redundant, time_limit=time_limit, seed=seed, gap=gap,
                            exec_model=exec_model or PlaceOptions.exec_model, params=params)
-    profile = sum(profiles[1:], profiles[0])
-    placement, record = place(profile, cluster, method, options)
+    placement, record = place(workload, cluster, method, options)
+    profile = workload.total
     placement.save(output)
     console.print(summary_table(record, gpu_load_ratio(placement, profile)))
     console.print(f"{record.log}\n-> {output}", markup=False, highlight=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +16,7 @@ from moetuner.cli.options import (
     Select,
     Workers,
     profile_paths_with_progress,
+    profile_with_progress,
 )
 from moetuner.io import check_outputs
 
@@ -28,10 +31,22 @@ def profile_command(
     drop: Drop = None,
     workers: Workers = 1,
     ray: RayAddress = None,
+    step_gpus: Annotated[int | None, typer.Option(
+        "--step-gpus", help="also keep decode steps sampled for G GPUs (C = 128 x G running "
+        "sequences, or --concurrency), for joint's per-step objective (reads each trace "
+        "whole)")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", help="running sequences of the sampled decode steps")] = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
     check_outputs([output], traces)
-    profile = profile_paths_with_progress(traces, select, drop, workers, ray)
+    if step_gpus is None:
+        profile = profile_paths_with_progress(traces, select, drop, workers, ray)
+    else:
+        steps = {"step_gpus": step_gpus, "concurrency": concurrency}
+        # Profile.__add__ keeps the sampled steps of every trace.
+        profile = functools.reduce(operator.add, [
+            profile_with_progress(str(trace), select, drop, **steps) for trace in traces])
     profile.save(output)
     skew = profile.skew()
     mi = profile.mutual_information()

@@ -1,46 +1,27 @@
-"""The objective of the ``joint`` method: a pairwise surrogate of the predicted MoE-layer time.
+"""The objective of the ``joint`` method: the mean step time over sampled engine steps.
 
-For one profile p (T tokens, top-k) on G GPUs in N nodes, a placement gives every expert e of
-layer l the fractions ``X_l[e, g]`` of its tokens served on GPU g (replicas split an expert's
-tokens evenly, as vLLM's hashing does; ``Y_l = X_l`` summed per node). The predicted time of
-layer l for one batch of ``batch_tokens`` tokens (``scale = batch_tokens / T``) is
+Each workload (a profile) carries engine steps sampled token by token from its trace
+(``moetuner.profile.StepSample``: decode continuous batching at C running sequences, or
+prefill chunks, formed as the evaluator forms them). For a placement, every sampled step s
+and layer l is costed with the shared per-step semantics of the cost model, counting only
+that step's tokens:
 
-    max_g (c_pair * scale * load_l @ X_l)[g]                         slowest GPU's expert work
-    + u_gpu  * (cg_l * D_gpu_l  - s_l * Stay_gpu_l  - t_l * T)        messages between GPUs
-    + u_node * (cn_l * D_node_l - s_l * Stay_node_l - t_l * T)        extra cost across nodes
+- replica choice: the engine's policy (``even`` or ``nearest``, ``moetuner.evaluate``);
+- ``pairs[g]``: token-expert pairs on GPU g; ``active[g]``: distinct slots of GPU g that
+  received a token; compute = max_g ``costmodel.gpu_compute_time(pairs, active)``;
+- dispatch: a token leaves its centre GPU (``return``: its home; ``follow``: where the layer
+  before combined it) once to each distinct other GPU holding one of its chosen replicas;
+  across nodes DeepEP sends one message per token and remote node, received by the GPU of
+  the sender's local index; combine runs the same messages back (``return``) or gathers the
+  partial results on the combine GPU (``follow``: ``moetuner.steps.combine_gpu``, the primary
+  expert's GPU for an ordered trace, the GPU holding most of the token's experts otherwise);
+  each exchange costs ``costmodel.exchange_time`` with one token activation per message;
+- step time = sum over layers of dispatch + compute + combine.
 
-with ``u_gpu = scale * c_intra / G`` (a message's NVLink time, averaged over the G GPUs that
-send in parallel) and ``u_node = scale * max(c_inter - c_intra, 0) / G`` (0 on one node), so a
-cross-node message costs the bandwidth ratio times an intra-node one. The terms:
-
-- ``D_gpu_l = k T - (2/k) R_gpu_l``: expected (token, distinct GPU) pairs, where ``R_gpu_l =
-  sum over expert pairs i < j of coactivation[l, i, j] * (X_l X_l^T)[i, j]`` counts tokens
-  whose two chosen experts share a GPU. The estimate is anchored at the primary expert (a
-  token uses at most 1 + (non-primary experts off the primary's GPU) GPUs; pairs through the
-  primary are 2/k of a token's pairs), so it is exact for k <= 2 and never below one GPU per
-  token, where the plain pairwise count (k T - R) overcounts savings when three experts share
-  a GPU. ``D_node`` is the same with nodes.
-- ``Stay_gpu_l = sum_ij transitions_top1[l-1, i, j] (X_{l-1} X_l^T)[i, j]``: tokens whose
-  primary experts of layers l-1 and l share a GPU (``follow``: the token is already there;
-  at most one per token, a lower bound on the saving). Without ``transitions_top1``,
-  ``transitions / k^2`` stands in. ``Stay_node`` is the same with nodes.
-- coefficients per execution model (section 4 of the brief; home GPU uniform over tokens):
-  ``return``: dispatch and combine each send to the used GPUs other than home,
-  ``cg = 2 (1 - 1/G)``, ``cn = 2 (1 - 1/N)``, ``s = t = 0``. ``follow``: layer 0 dispatches
-  from home (``cg = 2 - 1/G``, ``cn = 2 - 1/N``), later layers from the primary expert's GPU
-  of the layer before (``cg = cn = 2``, ``s = 1``); combine goes to the primary's GPU
-  (``t = 1``).
-
-Unit costs come from the evaluator's cost model (``moetuner.costmodel.CostCoefficients``, a
-calibration included): a token-expert pair costs ``2 * expert_params`` FLOPs at
-``compute_efficiency`` of peak; a message is one token activation at ``network_efficiency``
-of the link bandwidth; a batch is ``tokens_per_gpu_batch * G`` tokens. Latencies and weight
-reads are left out (they hardly depend on the placement), and traffic is averaged over GPUs
-where the evaluator takes the busiest, so the objective is in seconds per batch and tracks,
-not equals, the evaluator's prediction (``bench/quality.py`` measures how well).
-
-Several profiles (workloads, time windows) give one objective each; ``robust="mean"``
-minimises their weighted mean, ``"max"`` the worst of them.
+The objective of one workload is the mean step time over its sampled steps; several
+workloads give their weighted mean (``robust="mean"``) or the worst (``"max"``). The same
+function scores the warm starts, the search's candidate moves (layer by layer), the exact
+solver's candidates and the result, and ``lower_bound`` bounds it.
 """
 
 from __future__ import annotations
@@ -50,77 +31,69 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetuner.cluster import Cluster
-from moetuner.costmodel import CostCoefficients
+from moetuner.costmodel import CostCoefficients, exchange_time, gpu_compute_time
 from moetuner.errors import InputError
 from moetuner.models import MODELS, ModelSpec, model_with_shape
-from moetuner.profile import Profile
+from moetuner.profile import STEP_ENTRIES, Profile, StepSample
+from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU, combine_gpu
 
 # A stand-in model for shapes no preset matches (a mid-size BF16 MoE).
 GENERIC_MODEL = ModelSpec("generic", "-", 1, (), 1, 1, 4096, 2048)
 ROBUST = ("mean", "max")
 EXEC_MODELS = ("return", "follow")
+REPLICA_POLICIES = ("even", "nearest")
 
 
 @dataclass(frozen=True)
-class JointProblem:
-    """Everything the objective needs, for Q profiles of L layers x E experts on G GPUs.
+class StepProblem:
+    """Everything the objective needs, for Q workloads of L layers x E experts on G GPUs.
 
     Attributes:
-        work: ``[Q, L, E]`` seconds per batch of each expert's whole load on one GPU.
-        coact: ``[Q, L, E, E]`` same-layer pair counts times 2/k, diagonal zeroed.
-        follow_pairs: ``[Q, L-1, E, E]`` primary-to-primary counts of consecutive layers.
-        u_gpu: ``[Q]`` seconds per batch of one counted message between GPUs.
-        u_node: ``[Q]`` extra seconds per batch of one counted message across nodes.
-        tokens: ``[Q]`` tokens of each profile (T).
-        cg, cn, s, t: ``[L]`` execution-model coefficients (module docstring).
-        weights: ``[Q]`` profile weights, summing to 1.
-        robust: ``mean`` or ``max`` over profiles.
-        top_k: experts per token (k).
-        num_gpus, num_nodes, slots_per_gpu: G, N and P / G.
+        samples: Q sampled steps (``StepSample``), one per workload.
+        homes: Q int64 ``[n_q]`` home GPU of each sampled token.
+        weights: ``[Q]`` workload weights, summing to 1.
+        robust: ``mean`` or ``max`` over workloads.
         exec_model: ``return`` or ``follow``.
+        replica_policy: ``even`` or ``nearest``.
+        num_gpus, num_nodes, slots_per_gpu, num_experts: G, N, P / G and E.
+        model: the model whose sizes give the costs.
+        hw: ``CostCoefficients.resolved(cluster)``.
+        coefficients: the cost model's coefficients.
     """
 
-    work: np.ndarray
-    coact: np.ndarray
-    follow_pairs: np.ndarray
-    u_gpu: np.ndarray
-    u_node: np.ndarray
-    tokens: np.ndarray
-    cg: np.ndarray
-    cn: np.ndarray
-    s: np.ndarray
-    t: np.ndarray
+    samples: list[StepSample]
+    homes: list[np.ndarray]
     weights: np.ndarray
     robust: str
-    top_k: int
+    exec_model: str
+    replica_policy: str
     num_gpus: int
     num_nodes: int
     slots_per_gpu: int
-    exec_model: str
+    num_experts: int
+    model: ModelSpec
+    hw: dict
+    coefficients: CostCoefficients
 
     @property
     def num_profiles(self) -> int:
-        return int(self.work.shape[0])
+        return len(self.samples)
 
     @property
     def num_layers(self) -> int:
-        return int(self.work.shape[1])
+        return int(self.samples[0].ids.shape[1])
 
     @property
-    def num_experts(self) -> int:
-        return int(self.work.shape[2])
+    def top_k(self) -> int:
+        return int(self.samples[0].ids.shape[2])
 
     @property
     def node_of_gpu(self) -> np.ndarray:
         return np.arange(self.num_gpus) // (self.num_gpus // self.num_nodes)
 
-    def per_node(self, per_gpu: np.ndarray) -> np.ndarray:
-        """Sum the last axis of ``per_gpu [..., G]`` over each node's GPUs: ``[..., N]``."""
-        return per_gpu.reshape(*per_gpu.shape[:-1], self.num_nodes, -1).sum(axis=-1)
-
-    def combine(self, totals: np.ndarray) -> float:
-        """The objective from ``[Q]`` per-profile totals (weighted mean or max)."""
-        return float(totals.max() if self.robust == "max" else totals @ self.weights)
+    def combine(self, means: np.ndarray) -> float:
+        """The objective from ``[Q]`` per-workload mean step times (weighted mean or max)."""
+        return float(means.max() if self.robust == "max" else means @ self.weights)
 
 
 def model_for(profile: Profile, name: str | None = None) -> ModelSpec:
@@ -143,16 +116,19 @@ def build_problem(
     robust: str,
     model: ModelSpec,
     coefficients: CostCoefficients | None = None,
-) -> JointProblem:
-    """Turn profiles, cluster, model and cost coefficients (default: the cost model's) into
-    the objective's arrays (module docstring)."""
+    replica_policy: str = "even",
+) -> StepProblem:
+    """The objective's data from profiles with sampled steps (module docstring)."""
     if exec_model not in EXEC_MODELS:
         raise InputError("--exec", "exec_model", f"one of {', '.join(EXEC_MODELS)}",
                          repr(exec_model))
     if robust not in ROBUST:
         raise InputError("--robust", "robust", f"one of {', '.join(ROBUST)}", repr(robust))
+    if replica_policy not in REPLICA_POLICIES:
+        raise InputError("params", "replica_policy", f"one of {', '.join(REPLICA_POLICIES)}",
+                         repr(replica_policy))
     first = profiles[0]
-    for other in profiles[1:]:
+    for other in profiles:
         if other.load.shape != first.load.shape or other.top_k != first.top_k:
             raise InputError(other.source, "load", f"the shape {list(first.load.shape)} and "
                              f"k = {first.top_k} of {first.source}",
@@ -161,141 +137,238 @@ def build_problem(
     if weights.shape != (len(profiles),) or (weights < 0).any() or weights.sum() <= 0:
         raise InputError("params", "weights", f"{len(profiles)} non-negative weights, not all 0",
                          weights.tolist())
-    L, E = first.load.shape
-    k, G, N = first.top_k, cluster.num_gpus, cluster.num_nodes
-    tokens = np.array([max(p.tokens, 1) for p in profiles], dtype=np.float64)
     c = coefficients or CostCoefficients()
-    hw = c.resolved(cluster)
-    scale = c.tokens_per_gpu_batch * G / tokens                                # [Q]
-    pair_seconds = 2 * model.expert_params / (hw["peak_flops"] * c.compute_efficiency)
-    intra = model.token_bytes / (hw["intra_bandwidth"] * c.network_efficiency)
-    inter = model.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
-    work = np.stack([p.load for p in profiles]).astype(np.float64) * (scale * pair_seconds
-                                                                      )[:, None, None]
-    coact = np.zeros((len(profiles), L, E, E))
-    follow_pairs = np.zeros((len(profiles), max(L - 1, 0), E, E))
-    for q, p in enumerate(profiles):
-        if p.coactivation is not None:
-            coact[q] = p.coactivation * (2 / k)
-        if p.transitions_top1 is not None:
-            follow_pairs[q] = p.transitions_top1
-        elif p.transitions is not None:
-            follow_pairs[q] = p.transitions / k ** 2
-    diagonal = np.arange(E)
-    coact[:, :, diagonal, diagonal] = 0.0
-    if exec_model == "return":
-        cg = np.full(L, 2 * (1 - 1 / G))
-        cn = np.full(L, 2 * (1 - 1 / N))
-        s = np.zeros(L)
-        t = np.zeros(L)
+    G = cluster.num_gpus
+    samples = [p.steps if p.steps is not None and p.steps.num_steps else steps_from_load(p, G)
+               for p in profiles]
+    return StepProblem(
+        samples=samples, homes=[sample.home(G) for sample in samples],
+        weights=weights / weights.sum(), robust=robust, exec_model=exec_model,
+        replica_policy=replica_policy, num_gpus=G, num_nodes=cluster.num_nodes,
+        slots_per_gpu=slots_per_gpu, num_experts=first.num_experts, model=model,
+        hw=c.resolved(cluster), coefficients=c)
+
+
+def steps_from_load(profile: Profile, num_gpus: int, count: int = 32, seed: int = 0
+                    ) -> StepSample:
+    """Decode steps for a profile without sampled steps (e.g. loads only): ``count`` steps
+    of 128 x G tokens (fewer to stay within ``STEP_ENTRIES``), each token's k experts drawn
+    without replacement in proportion to the layer's loads, independently per layer and
+    token (no co-activation is known)."""
+    L, E, k = profile.num_layers, profile.num_experts, profile.top_k
+    per_step = DEFAULT_SEQUENCES_PER_GPU * num_gpus
+    count = max(1, min(count, STEP_ENTRIES // (per_step * L * max(k, E // 4))))
+    n = count * per_step
+    rng = np.random.default_rng(seed)
+    log_load = np.log(np.maximum(profile.load.astype(np.float64), 1e-12))      # [L, E]
+    ids = np.empty((n, L, k), dtype=np.uint16)
+    for layer in range(L):
+        # Gumbel top-k: k distinct experts drawn in proportion to load, heaviest first.
+        keys = log_load[layer] + rng.gumbel(size=(n, E))
+        ids[:, layer] = np.argsort(-keys, axis=1)[:, :k]
+    token = np.arange(n, dtype=np.int64)
+    return StepSample(ids=ids, bounds=np.arange(0, n + 1, per_step, dtype=np.int64),
+                      slot=token % per_step, token=token, batching="decode",
+                      concurrency=per_step)
+
+
+def replica_table(row: np.ndarray, num_experts: int, num_gpus: int, node_of_gpu: np.ndarray,
+                  policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's replica choice for one layer's ``row [P]`` as a lookup (the evaluator's
+    rule, ``moetuner.evaluate``): a token t on GPU c choosing expert e takes slot
+    ``members[e, c, t mod size[e, c]]``.
+
+    ``even`` (vLLM): the tier is all of e's slots; ``nearest`` (SGLang): those on GPU c if
+    any, else those on c's node, else all. Tiers list slots in ascending order.
+
+    Returns:
+        members: int ``[E, G, X]`` each tier's slots, padded; size: int ``[E, G]``.
+    """
+    P = row.size
+    order = np.argsort(row, kind="stable")
+    counts = np.bincount(row, minlength=num_experts)
+    rank = np.arange(P) - (np.cumsum(counts) - counts)[row[order]]
+    log2phy = np.full((num_experts, max(int(counts.max()), 1)), -1, dtype=np.int64)
+    log2phy[row[order], rank] = order                                         # [E, X]
+    valid = (log2phy >= 0)[:, None, :]                                        # [E, 1, X]
+    tier = np.broadcast_to(valid, (num_experts, num_gpus, log2phy.shape[1]))
+    if policy == "nearest":
+        slot_gpu = (np.maximum(log2phy, 0) // (P // num_gpus))[:, None, :]   # [E, 1, X]
+        here = np.arange(num_gpus)[None, :, None]
+        on_gpu = valid & (slot_gpu == here)
+        on_node = valid & (node_of_gpu[slot_gpu] == node_of_gpu[here])
+        tier = np.where(on_gpu.any(axis=2, keepdims=True), on_gpu,
+                        np.where(on_node.any(axis=2, keepdims=True), on_node, valid))
+    # Members first, in ascending slot order (a stable sort of "not a member").
+    pick = np.argsort(~tier, axis=2, kind="stable")
+    members = np.take_along_axis(np.broadcast_to(log2phy[:, None, :], tier.shape), pick,
+                                 axis=2)
+    return members, tier.sum(axis=2)
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """What one layer does in every sampled step, counted over a set of tokens; counts of
+    disjoint token sets add (``+``, ``-``), so a move is re-counted on the tokens it
+    touches only.
+
+    Attributes:
+        slot_pairs: ``[S, P]`` token-expert pairs each slot computes per step.
+        dispatch: four ``[S, G]`` message counts of dispatch: intra-node sent, intra-node
+            received, cross-node sent, cross-node received.
+        combine: the same for combine (``follow``), or None (``return``: the dispatch
+            messages run back).
+    """
+
+    slot_pairs: np.ndarray
+    dispatch: tuple[np.ndarray, ...]
+    combine: tuple[np.ndarray, ...] | None
+
+    def __add__(self, other: LayerCounts) -> LayerCounts:
+        return self._merge(other, 1.0)
+
+    def __sub__(self, other: LayerCounts) -> LayerCounts:
+        return self._merge(other, -1.0)
+
+    def _merge(self, other: LayerCounts, sign: float) -> LayerCounts:
+        combine = None if self.combine is None else tuple(
+            a + sign * b for a, b in zip(self.combine, other.combine, strict=True))
+        return LayerCounts(self.slot_pairs + sign * other.slot_pairs,
+                           tuple(a + sign * b for a, b in zip(self.dispatch, other.dispatch,
+                                                              strict=True)), combine)
+
+
+def layer_counts(problem: StepProblem, q: int, layer: int, row: np.ndarray,
+                 position: np.ndarray, tokens: np.ndarray | None = None
+                 ) -> tuple[LayerCounts, np.ndarray]:
+    """Count one layer of workload q over ``tokens`` (indices into the sample; all when
+    None).
+
+    Args:
+        row: int ``[P]`` the layer's placement (expert per slot).
+        position: int64 ``[m]`` GPU each of those tokens sits on entering the layer (its
+            home under ``return``).
+
+    Returns:
+        The counts, and int64 ``[m]`` the GPU each token sits on after the layer (``follow``:
+        its combine GPU; ``return``: ``position``).
+    """
+    sample = problem.samples[q]
+    G, N, spg = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
+    S, P = sample.num_steps, G * spg
+    node = problem.node_of_gpu
+    if tokens is None:
+        ids, token, step = sample.ids[:, layer, :], sample.token, sample.step_of
     else:
-        cg, cn, s, t = np.full(L, 2.0), np.full(L, 2.0), np.ones(L), np.ones(L)
-        cg[0], cn[0], s[0] = 2 - 1 / G, 2 - 1 / N, 0.0
-    return JointProblem(
-        work=work, coact=coact, follow_pairs=follow_pairs,
-        u_gpu=scale * intra / G, u_node=scale * max(inter - intra, 0.0) / G * (N > 1),
-        tokens=tokens, cg=cg, cn=cn, s=s, t=t, weights=weights / weights.sum(), robust=robust,
-        top_k=k, num_gpus=G, num_nodes=N, slots_per_gpu=slots_per_gpu, exec_model=exec_model)
+        ids, token, step = (sample.ids[tokens, layer, :], sample.token[tokens],
+                            sample.step_of[tokens])
+    ids = ids.astype(np.int64)                                                 # [m, k]
+    members, size = replica_table(np.asarray(row, dtype=np.int64), problem.num_experts, G,
+                                  node, problem.replica_policy)
+    here = position[:, None]
+    slot = members[ids, here, token[:, None] % size[ids, here]]
+    gpu = slot // spg                                                          # [m, k]
+    slot_pairs = np.bincount((step[:, None] * P + slot).ravel(), minlength=S * P)
+    m = ids.shape[0]
+    present = np.zeros((m, G), dtype=bool)
+    present[np.arange(m)[:, None], gpu] = True
+    dispatch = _messages(present, position, step, S, node, N)
+    if problem.exec_model == "return":
+        return LayerCounts(slot_pairs.reshape(S, P).astype(np.float64), dispatch, None), position
+    centre = combine_gpu(gpu, position, G, sample.ordered)
+    combine = _messages(present, centre, step, S, node, N)
+    return (LayerCounts(slot_pairs.reshape(S, P).astype(np.float64), dispatch, combine),
+            centre)
 
 
-def fractions(problem: JointProblem, phy2log: np.ndarray) -> np.ndarray:
-    """``[L, E, G]`` share of each expert's tokens served on each GPU (replicas split evenly)."""
-    L, P = phy2log.shape
-    E, G = problem.num_experts, problem.num_gpus
-    gpu = np.arange(P) // (P // G)
-    index = (np.arange(L)[:, None] * E + phy2log) * G + gpu[None, :]
-    copies = np.bincount(index.ravel(), minlength=L * E * G).reshape(L, E, G).astype(float)
-    return copies / copies.sum(axis=2, keepdims=True)
+def counts_cost(problem: StepProblem, counts: LayerCounts) -> np.ndarray:
+    """``[S]`` seconds of dispatch + slowest GPU compute + combine per step."""
+    G, spg = problem.num_gpus, problem.slots_per_gpu
+    m, c, hw = problem.model, problem.coefficients, problem.hw
+    per_slot = counts.slot_pairs.reshape(-1, G, spg)
+    pairs, active = per_slot.sum(axis=2), (per_slot > 0.5).sum(axis=2)
+    compute = gpu_compute_time(pairs, active, m, hw, c).max(axis=1)
+    dispatch = exchange_time(*counts.dispatch, hw, c, m.token_bytes)
+    if counts.combine is None:
+        # Combine runs the same messages back: max(sent, received) is the same per GPU.
+        return compute + 2 * dispatch
+    sent, received, node_sent, node_received = counts.combine
+    return compute + dispatch + exchange_time(received, sent, node_received, node_sent, hw,
+                                              c, m.token_bytes)
 
 
-def layer_costs(problem: JointProblem, phy2log: np.ndarray) -> np.ndarray:
-    """``[Q, L]`` the objective's seconds per batch, per profile and layer."""
-    X = fractions(problem, phy2log)                                            # [L, E, G]
-    Y = problem.per_node(X)                                                    # [L, E, N]
-    same_gpu = np.einsum("leg,lfg->lef", X, X)                                 # [L, E, E]
-    same_node = np.einsum("len,lfn->lef", Y, Y)
-    compute = (problem.work[:, :, None, :] @ X)[:, :, 0].max(axis=2)          # [Q, L]
-    kT = problem.top_k * problem.tokens[:, None]                               # [Q, 1]
-    d_gpu = kT - 0.5 * np.einsum("qlef,lef->ql", problem.coact, same_gpu)
-    d_node = kT - 0.5 * np.einsum("qlef,lef->ql", problem.coact, same_node)
-    stay_gpu = np.zeros_like(d_gpu)
-    stay_node = np.zeros_like(d_gpu)
-    if problem.num_layers > 1:
-        together = np.einsum("leg,lfg->lef", X[:-1], X[1:])
-        stay_gpu[:, 1:] = np.einsum("qlef,lef->ql", problem.follow_pairs, together)
-        together = np.einsum("len,lfn->lef", Y[:-1], Y[1:])
-        stay_node[:, 1:] = np.einsum("qlef,lef->ql", problem.follow_pairs, together)
-    T = problem.tokens[:, None]
-    traffic = (problem.u_gpu[:, None] * (problem.cg * d_gpu - problem.s * stay_gpu
-                                         - problem.t * T)
-               + problem.u_node[:, None] * (problem.cn * d_node - problem.s * stay_node
-                                            - problem.t * T))
-    return compute + traffic
+def layer_step_costs(problem: StepProblem, q: int, layer: int, row: np.ndarray,
+                     position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[S]`` seconds of one layer in every sampled step of workload q (module docstring),
+    and int64 ``[n]`` where each token sits after it (``layer_counts``)."""
+    counts, after = layer_counts(problem, q, layer, row, position)
+    return counts_cost(problem, counts), after
 
 
-def objective(problem: JointProblem, phy2log: np.ndarray) -> float:
-    """The objective (seconds per batch, mean or max over profiles) of a placement."""
-    return problem.combine(layer_costs(problem, phy2log).sum(axis=1))
+def _messages(present: np.ndarray, centre: np.ndarray, step: np.ndarray, num_steps: int,
+              node: np.ndarray, num_nodes: int) -> tuple[np.ndarray, ...]:
+    """Per-step messages from each token's ``centre`` GPU to the other GPUs it is
+    ``present [m, G]`` on (``step [m]``: each token's step): ``[S, G]`` intra-node sent,
+    intra-node received, cross-node sent and cross-node received (DeepEP: one per token and
+    remote node, received by the GPU of the sender's local index)."""
+    m, G = present.shape
+    per_node = G // num_nodes
+    S = num_steps
+    local = node[None, :] == node[centre][:, None]                            # [m, G]
+    intra = present & local
+    intra[np.arange(m), centre] = False
+    key = step * G + centre                                                    # [m]
+    intra_sent = np.bincount(key, weights=intra.sum(axis=1), minlength=S * G)
+    token, dest = np.nonzero(intra)
+    intra_received = np.bincount(step[token] * G + dest, minlength=S * G)
+    remote = present.reshape(m, num_nodes, per_node).any(axis=2)             # [m, N]
+    remote[np.arange(m), node[centre]] = False
+    node_sent = np.bincount(key, weights=remote.sum(axis=1), minlength=S * G)
+    token, dest = np.nonzero(remote)
+    receiver = dest * per_node + centre[token] % per_node
+    node_received = np.bincount(step[token] * G + receiver, minlength=S * G)
+    return tuple(a.reshape(S, G).astype(np.float64) for a in (
+        intra_sent, intra_received, node_sent, node_received))
 
 
-def _top_sum(matrix: np.ndarray, count: int, axis: int) -> np.ndarray:
-    """Sum of the ``count`` largest entries along ``axis`` (all entries if fewer)."""
-    size = matrix.shape[axis]
-    if count <= 0:
-        return np.zeros(np.delete(matrix.shape, axis))
-    if count >= size:
-        return matrix.sum(axis=axis)
-    return np.partition(matrix, size - count, axis=axis).take(
-        range(size - count, size), axis=axis).sum(axis=axis)
+def step_costs(problem: StepProblem, phy2log: np.ndarray, q: int) -> np.ndarray:
+    """``[L, S]`` seconds of every layer in every sampled step of workload q."""
+    position = problem.homes[q]
+    out = np.empty((problem.num_layers, problem.samples[q].num_steps))
+    for layer in range(problem.num_layers):
+        out[layer], position = layer_step_costs(problem, q, layer, phy2log[layer], position)
+    return out
 
 
-def lower_bound(problem: JointProblem, num_redundant: int) -> float:
+def workload_means(problem: StepProblem, phy2log: np.ndarray) -> np.ndarray:
+    """``[Q]`` mean step time (seconds) of each workload."""
+    return np.array([step_costs(problem, phy2log, q).sum(axis=0).mean()
+                     for q in range(problem.num_profiles)])
+
+
+def objective(problem: StepProblem, phy2log: np.ndarray) -> float:
+    """The objective (mean step seconds; weighted mean or max over workloads)."""
+    return problem.combine(workload_means(problem, phy2log))
+
+
+def lower_bound(problem: StepProblem, num_redundant: int) -> float:
     """A lower bound on ``objective`` over all placements with ``num_redundant`` replicas.
 
-    Per layer: the slowest GPU does at least the mean work, and at least the hottest
-    expert's work plus S - 1 of the lightest slots (without replicas: the S - 1 lightest
-    experts; with them, the lightest expert's work, all over the most possible copies
-    min(G, R + 1)); an expert shares a GPU with at
-    most S - 1 others (a node with S G/N - 1), so its co-activation saving is at most its
-    S - 1 largest pair counts; a primary expert's stay saving is at most its S largest
-    follow counts (and, by columns, each next-layer expert's). Replicas only split savings.
+    Per step and layer, the slowest GPU computes at least the mean pairs, at least the
+    hottest expert's pairs over its most possible copies min(G, R + 1), and reads at least
+    the step's used experts over G (rounded up); exchanges cost at least nothing.
     """
-    Q, L, E = problem.work.shape
-    G, N, S = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
-    per_node = S * (G // N)
+    G = problem.num_gpus
     copies = min(G, num_redundant + 1)
-    # The GPU serving the hottest expert also serves S - 1 other slots, each at least the
-    # lightest expert's work over its most possible copies.
-    hottest = (problem.work.max(axis=2) + (S - 1) * problem.work.min(axis=2)) / copies
-    if num_redundant == 0:
-        hottest = problem.work.max(axis=2) - _top_sum(-problem.work, S - 1, 2)
-    compute = np.maximum(problem.work.sum(axis=2) / G, hottest)
-    kT = problem.top_k * problem.tokens[:, None]
-    half_pairs = 0.5 * problem.coact.sum(axis=(2, 3))
-    save_gpu = np.minimum(half_pairs, 0.5 * _top_sum(problem.coact, S - 1, 3).sum(axis=2))
-    save_node = np.minimum(half_pairs,
-                           0.5 * _top_sum(problem.coact, per_node - 1, 3).sum(axis=2))
-    stay_gpu = np.zeros((Q, L))
-    stay_node = np.zeros((Q, L))
-    if L > 1:
-        A = problem.follow_pairs
-        stay_gpu[:, 1:] = np.minimum(_top_sum(A, S, 3).sum(axis=2),
-                                     _top_sum(A, S, 2).sum(axis=2))
-        stay_node[:, 1:] = np.minimum(_top_sum(A, per_node, 3).sum(axis=2),
-                                      _top_sum(A, per_node, 2).sum(axis=2))
-    T = problem.tokens[:, None]
-    traffic = (problem.u_gpu[:, None] * (problem.cg * (kT - save_gpu) - problem.s * stay_gpu
-                                         - problem.t * T)
-               + problem.u_node[:, None] * (problem.cn * (kT - save_node)
-                                            - problem.s * stay_node - problem.t * T))
-    return problem.combine((compute + traffic).sum(axis=1))
-
-
-def load_correlation(profiles: list[Profile]) -> np.ndarray:
-    """``[Q, Q, L]`` Pearson correlation of each layer's expert loads between two profiles."""
-    loads = np.stack([p.load for p in profiles]).astype(np.float64)            # [Q, L, E]
-    centred = loads - loads.mean(axis=2, keepdims=True)
-    norm = np.sqrt((centred ** 2).sum(axis=2))                                  # [Q, L]
-    dot = np.einsum("ale,ble->abl", centred, centred)
-    denom = norm[:, None, :] * norm[None, :, :]
-    return np.divide(dot, denom, out=np.ones_like(dot), where=denom > 0)
+    m, c, hw = problem.model, problem.coefficients, problem.hw
+    means = []
+    for sample in problem.samples:
+        S, L, E = sample.num_steps, problem.num_layers, problem.num_experts
+        step = np.repeat(sample.step_of[:, None, None], L, axis=1)
+        layer = np.arange(L)[None, :, None]
+        index = (step * L + layer) * E + sample.ids.astype(np.int64)
+        counts = np.bincount(index.ravel(), minlength=S * L * E).reshape(S, L, E)
+        pairs = np.maximum(counts.sum(axis=2) / G, counts.max(axis=2) / copies)
+        active = np.ceil((counts > 0).sum(axis=2) / G)
+        means.append(gpu_compute_time(pairs, active, m, hw, c).sum(axis=1).mean())
+    return problem.combine(np.array(means))

@@ -31,11 +31,13 @@ matches), ``fixed`` (bool, default False for ``eplb``; the ``eplb_fixed`` method
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from moetuner.cluster import Cluster
 from moetuner.errors import InputError
-from moetuner.methods import PlaceOptions, SolveRecord, register
+from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, register
 from moetuner.models import model_with_shape
 from moetuner.profile import Profile
 
@@ -273,6 +275,19 @@ def engine_num_groups(profile: Profile) -> int:
     return 1 if model is None else model.num_expert_groups
 
 
+@dataclass(frozen=True)
+class EplbParams(MethodParams):
+    """Settings of ``eplb`` and ``eplb_fixed``.
+
+    Attributes:
+        num_groups: expert groups (None: the model preset's group count, else 1).
+        fixed: never put two replicas of one expert on one GPU.
+    """
+
+    num_groups: int | None = field(default=None, metadata={"min": 1})
+    fixed: bool = False
+
+
 def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: bool
            ) -> tuple[np.ndarray, SolveRecord]:
     slots = options.slots_per_gpu(profile.num_experts, cluster.num_gpus) * cluster.num_gpus
@@ -286,14 +301,14 @@ def _solve(profile: Profile, cluster: Cluster, options: PlaceOptions, fixed: boo
                                 log=f"num_groups={num_groups}")
 
 
-@register("eplb", may_share_gpus=True)
+@register("eplb", may_share_gpus=True, params=EplbParams)
 def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
           ) -> tuple[np.ndarray, SolveRecord]:
     """Published EPLB; may co-locate replicas (the placement then allows shared GPUs)."""
     return _solve(profile, cluster, options, fixed=bool(options.params.get("fixed", False)))
 
 
-@register("eplb_fixed")
+@register("eplb_fixed", params=EplbParams)
 def solve_fixed(profile: Profile, cluster: Cluster, options: PlaceOptions
                 ) -> tuple[np.ndarray, SolveRecord]:
     """EPLB that never puts two replicas of one expert on one GPU."""

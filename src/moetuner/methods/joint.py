@@ -1,152 +1,179 @@
-"""``joint``: one placement optimising balance and traffic together, replica- and drift-aware.
+"""``joint``: one placement minimising the mean step time of sampled engine steps.
 
-Minimises the surrogate of the predicted MoE-layer time in ``_joint_objective`` (slowest
-GPU's expert work plus same-layer co-activation and, under ``follow``, cross-layer traffic,
-with cross-node messages weighted by the bandwidth ratio) for ``options.exec_model``.
+Minimises the per-step objective of ``_joint_objective`` (every sampled step's slowest GPU
+compute plus its dispatch and combine, DeepEP node messages across nodes, the engine's
+replica policy) for ``options.exec_model``.
 
 How:
 
 1. **Warm start.** The baselines ``linear``, ``round_robin``, ``eplb_fixed`` (and ``moetuner``
    when registered) are scored with the objective; the search starts from the best and never
-   returns anything worse. Replica counts come from the warm start (EPLB's: each extra copy
-   to the expert with the most load per copy); copies of one expert never share a GPU.
-2. **Exact path.** When every layer has at most ``EXACT_STATES`` equal-slot placements (tiny
-   instances), a dynamic program over layers finds the optimum of the mean objective (the
-   cost is a chain: layer terms plus consecutive-layer terms); status ``optimal``.
-3. **Search.** Layer by layer with both neighbours fixed, steepest-descent swaps of two
-   slots' experts between GPUs (all swaps of a layer scored at once in numpy, ties broken
-   towards flatter GPU loads), then random kicks (a few swaps) followed by descent, kept
-   when they help. Layers whose neighbours are fixed are independent, so even and odd layers
-   (all layers under ``return``) are improved in parallel by a process pool (``workers``).
-4. **Bound.** Per-layer bounds (``lower_bound``): gap = (objective - bound) / objective.
+   returns anything worse.
+2. **Exact path.** Tiny instances without replicas (``exact_is_optimal``): under ``return``
+   every layer's best placement by enumeration; under ``follow`` (ordered trace, ``even``
+   replicas) a dynamic program over layers; status ``optimal``.
+3. **Search.** Layer by layer (under ``follow`` in layer order, tokens sitting where the
+   layer before left them), candidate moves are ranked by an estimate computed for all of
+   them at once on all sampled steps (numpy): each step's GPU compute after the move
+   (exact pairs and used slots per step, replicas sharing an expert's tokens evenly) plus
+   the node-level co-activation saving (one DeepEP message for experts on one node). The
+   best ``VERIFY`` are re-costed exactly on every sampled step (only the tokens a move
+   touches are re-counted: ``LayerCounts`` add and subtract) and the best improving one is
+   applied, unless it raises the layer's per-step busiest-GPU load above the warm start's
+   by more than ``imbalance_slack``. Moves: swapping two slots' experts between GPUs, and
+   (with redundant slots) giving a replica slot to another expert, so replica counts are
+   the method's own. Then random kicks followed by descent, kept when they help.
+4. **Bound.** ``lower_bound``: gap = (objective - bound) / objective.
 
-Params (``options.params``): ``profiles`` (list of ``Profile``, default ``[profile]``),
-``weights`` (one per profile, default equal), ``robust`` (``mean`` or ``max`` over
-profiles), ``model`` (a preset name weighing compute against traffic; default: the preset
-with the profile's shape), ``coefficients`` (a ``CostCoefficients`` calibration),
-``workers`` (processes, default 2), ``warm_start`` (list of baseline names), ``kicks``
-(random kicks per layer visit, default 2). The record's log
-reports how much the profiles disagree (per-layer load correlation).
+Hierarchy: the estimate rewards co-activated experts on one node and, through each step's
+slowest GPU, penalises them on one GPU, so affine experts end up on one node but on
+different GPUs of it.
 
-Deterministic for a seed when the search converges before the time limit and the
-``moetuner`` warm start (a wall-clock share of the limit) finishes within its share; pass
-``warm_start=["eplb_fixed", "linear", "round_robin"]`` for a run that depends on the seed only
-(up to the limit).
+Workloads: ``options.workload`` (several profiles: the weighted mean or the worst of their
+objectives). Settings: ``JointParams`` (``--param KEY=VALUE``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from moetuner.cluster import Cluster
+from moetuner.costmodel import gpu_compute_time, load_coefficients
 from moetuner.errors import InputError
-from moetuner.methods import PlaceOptions, SolveRecord, methods, register
+from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, Workload, methods, register
 from moetuner.methods._joint_objective import (
-    JointProblem,
+    StepProblem,
     build_problem,
-    fractions,
-    layer_costs,
-    load_correlation,
+    counts_cost,
+    layer_counts,
+    layer_step_costs,
     lower_bound,
     model_for,
     objective,
+    step_costs,
 )
 from moetuner.placement import Placement
 from moetuner.profile import Profile
 
 WARM_STARTS = ("eplb_fixed", "linear", "round_robin", "moetuner")
-# Largest number of placements of one layer for which the exact dynamic program runs, and of
-# candidates tried when listing them.
-EXACT_STATES = 1500
-ENUMERATE = 50_000
-# Share of the time limit the warm-start baselines may use, and the margin kept at the end.
-WARM_SHARE = 0.15
 INSTANT = ("eplb_fixed", "linear", "round_robin")
-END_MARGIN = 0.03
-# Steepest-descent moves per layer visit (a cap that guarantees termination).
-MOVES_PER_SLOT = 4
+# Largest number of placements of one layer for which the exact enumeration runs.
+EXACT_STATES = 1500
+EXACT_FOLLOW_STATES = 36
+# Share of the time limit the warm-start baselines may use, and the margin kept at the end.
+WARM_SHARE = 0.25
+END_MARGIN = 0.05
+# Candidate moves re-costed exactly per descent move, and the move cap per slot and visit.
+VERIFY = 6
+MOVES_PER_SLOT = 2
 
-# The problem a worker process optimises (set before the pool forks).
-_PROBLEM: JointProblem | None = None
+
+@dataclass(frozen=True)
+class JointParams(MethodParams):
+    """Settings of ``joint``.
+
+    Attributes:
+        model: preset whose sizes give the costs (default: the preset with the profile's
+            shape).
+        calibration: cost-model coefficients JSON (default: the cost model's).
+        replica_policy: the engine's replica choice the load model uses (``even``: vLLM,
+            ``nearest``: SGLang).
+        kicks: random kicks per layer visit.
+        imbalance_slack: a move may raise a layer's per-step busiest-GPU load (summed over
+            the sampled steps) to at most 1 + this times the warm start's, so the per-step
+            imbalance stays within that of the warm start's (EPLB's, usually).
+        warm_start: comma-separated baselines to start from.
+        batching, concurrency: how steps are sampled when ``place`` profiles a trace
+            (decode at C running sequences, default 128 x G, or prefill chunks of C tokens).
+    """
+
+    model: str | None = None
+    calibration: str | None = None
+    replica_policy: str = field(default="even", metadata={"choices": ("even", "nearest")})
+    kicks: int = field(default=2, metadata={"min": 0})
+    imbalance_slack: float = field(default=0.02, metadata={"min": 0.0})
+    warm_start: str = ",".join(WARM_STARTS)
+    batching: str = field(default="decode", metadata={"choices": ("decode", "prefill")})
+    concurrency: int | None = field(default=None, metadata={"min": 1})
 
 
-@register("joint")
+@register("joint", params=JointParams)
 def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
           ) -> tuple[np.ndarray, SolveRecord]:
-    """Place with the joint objective (module docstring)."""
+    """Place with the per-step objective (module docstring)."""
     start = time.perf_counter()
     params = options.params
-    profiles = list(params.get("profiles") or [profile])
-    weights = np.asarray(params.get("weights") or [1.0] * len(profiles), dtype=np.float64)
+    if not isinstance(params, JointParams):
+        raise InputError("params", "params", "JointParams (place() parses them)",
+                         type(params).__name__)
+    workload = options.workload or Workload((profile,))
     slots_per_gpu = options.slots_per_gpu(profile.num_experts, cluster.num_gpus)
-    problem = build_problem(profiles, weights, cluster, slots_per_gpu, options.exec_model,
-                            str(params.get("robust", "mean")),
-                            model_for(profile, params.get("model")), params.get("coefficients"))
-    log = [disagreement(profiles)]
-    scores, eval_seconds = _warm_starts(profile, cluster, options, problem,
-                                        params.get("warm_start", WARM_STARTS), start)
-    # Keep time to score the last phase and the result: the limit holds within a few %.
+    coefficients = None if params.calibration is None else load_coefficients(params.calibration)
+    problem = build_problem(list(workload.profiles), workload.weight_array(), cluster,
+                            slots_per_gpu, options.exec_model, workload.robust,
+                            model_for(profile, params.model), coefficients,
+                            params.replica_policy)
+    names = tuple(name.strip() for name in params.warm_start.split(",") if name.strip())
+    scores, eval_seconds = _warm_starts(profile, cluster, options, problem, names, start)
     deadline = start + options.time_limit - max(options.time_limit * END_MARGIN,
                                                 3 * eval_seconds)
     best_name = min(scores, key=lambda name: scores[name][1])
     phy2log, best = scores[best_name]
-    log.append("warm start " + ", ".join(f"{name} {value[1]:.6g}"
-                                         for name, value in scores.items())
-               + f" -> {best_name}")
+    starts = ", ".join(f"{name} {1e6 * value[1]:.6g} us" for name, value in scores.items())
+    log = [disagreement(list(workload.profiles)), f"warm start {starts} -> {best_name}"]
     bound = lower_bound(problem, options.redundant)
-    rows = None
-    if (_count_choices(problem.num_experts, cluster.num_gpus, slots_per_gpu) <= ENUMERATE
-            and (problem.robust == "mean" or problem.num_profiles == 1)):
+    name = _objective_name(problem)
+    if options.redundant == 0 and exact_is_optimal(
+            problem, _count_choices(problem.num_experts, cluster.num_gpus, slots_per_gpu)):
         rows = enumerate_rows(problem.num_experts, cluster.num_gpus, slots_per_gpu)
-    if rows is not None and len(rows) <= EXACT_STATES:
         exact = exact_placement(problem, rows)
         value = objective(problem, exact)
         if value <= best:
             phy2log, best = exact, value
-        log.append(f"exact dynamic program over {len(rows)} placements per layer")
+        log.append(f"exact enumeration of {len(rows)} placements per layer")
         return phy2log, SolveRecord(method="joint", status="optimal", objective=best,
-                                    bound=best, objective_name=_objective_name(problem),
-                                    log="; ".join(log))
-    workers = int(params.get("workers", min(2, os.cpu_count() or 1)))
-    phy2log, sweeps, timed_out = local_search(problem, phy2log, deadline - 2 * eval_seconds,
-                                              options.seed, workers,
-                                              int(params.get("kicks", 2)))
+                                    bound=best, objective_name=name, log="; ".join(log))
+    phy2log, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
+                                             params.kicks, params.imbalance_slack)
     value = objective(problem, phy2log)
-    if value > best:  # rounding in incremental deltas; keep the warm start
+    if value > best:  # never worse than the warm start
         phy2log, value = scores[best_name][0], best
-    log.append(f"local search: {sweeps} sweeps, {workers} workers, from {best:.6g} to "
-               f"{value:.6g}")
+    log.append(f"local search: {moves} moves, from {1e6 * best:.6g} to {1e6 * value:.6g} us")
     return phy2log, SolveRecord(method="joint", status="time_limit" if timed_out else
                                 "heuristic", objective=value, bound=min(bound, value),
-                                objective_name=_objective_name(problem), log="; ".join(log))
+                                objective_name=name, log="; ".join(log))
 
 
-def _objective_name(problem: JointProblem) -> str:
-    return (f"surrogate predicted MoE-layer seconds per batch ({problem.exec_model}, "
-            f"{problem.robust} over {problem.num_profiles} profile(s))")
+def _objective_name(problem: StepProblem) -> str:
+    steps = sum(s.num_steps for s in problem.samples)
+    return (f"mean step seconds over {steps} sampled steps ({problem.exec_model}, replicas "
+            f"{problem.replica_policy}, {problem.robust} over {problem.num_profiles} "
+            "workload(s))")
 
 
 def disagreement(profiles: list[Profile]) -> str:
-    """How much the profiles disagree: per-layer load correlation between each pair."""
+    """How much the workloads disagree: per-layer Pearson correlation of expert loads
+    between each pair of profiles."""
     if len(profiles) < 2:
-        return "one profile"
-    corr = load_correlation(profiles)
-    pairs = np.triu_indices(len(profiles), k=1)
-    values = corr[pairs[0], pairs[1]]                                          # [pairs, L]
-    return (f"profile disagreement: per-layer load correlation mean {values.mean():.2f}, "
-            f"min {values.min():.2f} over {len(profiles)} profiles")
+        return "one workload"
+    loads = np.stack([p.load for p in profiles]).astype(np.float64)           # [Q, L, E]
+    centred = loads - loads.mean(axis=2, keepdims=True)
+    norm = np.sqrt((centred ** 2).sum(axis=2))                                 # [Q, L]
+    first, second = np.triu_indices(len(profiles), k=1)
+    dot = (centred[first] * centred[second]).sum(axis=2)                      # [pairs, L]
+    denom = norm[first] * norm[second]
+    corr = np.divide(dot, denom, out=np.ones_like(dot), where=denom > 0)
+    return (f"profile disagreement: per-layer load correlation mean {corr.mean():.2f}, "
+            f"min {corr.min():.2f} over {len(profiles)} profiles")
 
 
 def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
-                 problem: JointProblem, names, start: float
+                 problem: StepProblem, names: tuple[str, ...], start: float
                  ) -> tuple[dict[str, tuple[np.ndarray, float]], float]:
     """Score each available, engine-loadable baseline placement with the objective.
 
@@ -154,7 +181,8 @@ def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
     other than the instant ones is skipped once ``WARM_SHARE`` of the time limit is used.
     """
     available = methods()
-    budget = replace(options, time_limit=max(options.time_limit * WARM_SHARE, 0.1), params={})
+    budget = replace(options, time_limit=max(options.time_limit * WARM_SHARE, 0.1),
+                     params=MethodParams())
     scores, eval_seconds = {}, 0.0
     for name in names:
         if name not in available or name == "joint":
@@ -179,50 +207,63 @@ def _warm_starts(profile: Profile, cluster: Cluster, options: PlaceOptions,
 
 
 def _count_choices(num_experts: int, num_gpus: int, slots_per_gpu: int) -> int:
-    """Candidates ``enumerate_rows`` tries: C(E, S) choices on each GPU."""
-    return math.comb(num_experts, slots_per_gpu) ** num_gpus
+    """Placements of one layer without replicas: E! / (S!^G)."""
+    return math.factorial(num_experts) // math.factorial(slots_per_gpu) ** num_gpus
 
 
 def enumerate_rows(num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
-    """``[n, P]`` every placement of one layer: S distinct experts per GPU (ascending), every
-    expert on some GPU. Only for tiny shapes (``_count_choices`` candidates are tried)."""
-    choices = list(itertools.combinations(range(num_experts), slots_per_gpu))
-    rows = [sum(combo, ()) for combo in itertools.product(choices, repeat=num_gpus)
-            if len(set(sum(combo, ()))) == num_experts]
+    """``[n, P]`` every placement of one layer without replicas: S distinct experts per GPU
+    (ascending). Only for tiny shapes (``_count_choices`` of them)."""
+    rows = []
+
+    def extend(prefix: tuple, left: tuple) -> None:
+        if not left:
+            rows.append(prefix)
+            return
+        for combo in itertools.combinations(left, slots_per_gpu):
+            extend(prefix + combo, tuple(e for e in left if e not in combo))
+
+    extend((), tuple(range(num_experts)))
     return np.array(rows, dtype=np.int64).reshape(-1, num_gpus * slots_per_gpu)
 
 
-def exact_placement(problem: JointProblem, rows: np.ndarray | None = None) -> np.ndarray:
-    """``[L, P]`` the optimum of the weighted-mean objective by dynamic programming.
+def exact_placement(problem: StepProblem, rows: np.ndarray) -> np.ndarray:
+    """``[L, P]`` the optimum of the weighted-mean objective over placements built from
+    ``rows``.
 
-    The objective is a sum of per-layer terms and consecutive-layer terms (follow stays), so
-    the best chain of per-layer placements is found layer by layer.
+    Under ``return`` the layers are independent: each layer's best row. Under ``follow``
+    with an ordered trace and ``even`` replicas a token leaves layer l from its primary
+    expert's GPU, which only layer l's row decides, so layer l's cost depends on the rows
+    of layers l - 1 and l: a dynamic program over layers (``exact_is_optimal``).
     """
-    G, S, L = problem.num_gpus, problem.slots_per_gpu, problem.num_layers
-    if rows is None:
-        rows = enumerate_rows(problem.num_experts, G, S)                       # [n, P]
-    n = len(rows)
-    # Per-layer terms of each state: the objective of a placement repeating it in every layer
-    # minus its stay terms, which are added per pair of states below.
-    unary = np.empty((L, n))
+    L, n = problem.num_layers, len(rows)
+    if problem.exec_model == "return":
+        cost = np.zeros((n, L))
+        for index, row in enumerate(rows):
+            for q, weight in enumerate(problem.weights):
+                homes = problem.homes[q]
+                cost[index] += weight * np.array([
+                    layer_step_costs(problem, q, layer, row, homes)[0].mean()
+                    for layer in range(L)])
+        return rows[cost.argmin(axis=0)]
+    first = np.zeros(n)
     for index, row in enumerate(rows):
-        costs = layer_costs(problem, np.tile(row, (L, 1)))                     # [Q, L]
-        unary[:, index] = problem.weights @ (costs + _stay_terms(problem, row, row))
-    X = np.stack([fractions(problem, row[None])[0] for row in rows])           # [n, E, G]
-    Y = problem.per_node(X)
-    total = unary[0].copy()
-    back = np.zeros((L, n), dtype=np.int64)
+        for q, weight in enumerate(problem.weights):
+            first[index] += weight * layer_step_costs(problem, q, 0, row, problem.homes[q]
+                                                      )[0].mean()
+    total, back = first, np.zeros((L, n), dtype=np.int64)
     for layer in range(1, L):
-        pair = np.zeros((n, n))
-        for q, w in enumerate(problem.weights):
-            A = problem.follow_pairs[q, layer - 1]
-            stay_gpu = np.einsum("aeg,ef,bfg->ab", X, A, X)
-            stay_node = np.einsum("aev,ef,bfv->ab", Y, A, Y)
-            pair -= w * problem.s[layer] * (problem.u_gpu[q] * stay_gpu
-                                            + problem.u_node[q] * stay_node)
-        candidate = total[:, None] + pair                                      # [prev, next]
+        pair = np.zeros((n, n))                                                # [prev, row]
+        for prev, prev_row in enumerate(rows):
+            for q, weight in enumerate(problem.weights):
+                # Positions after layer - 1 depend on its row alone (docstring).
+                after = layer_step_costs(problem, q, layer - 1, prev_row, problem.homes[q])[1]
+                for index, row in enumerate(rows):
+                    pair[prev, index] += weight * layer_step_costs(
+                        problem, q, layer, row, after)[0].mean()
+        candidate = total[:, None] + pair
         back[layer] = candidate.argmin(axis=0)
-        total = candidate.min(axis=0) + unary[layer]
+        total = candidate.min(axis=0)
     chosen = np.empty(L, dtype=np.int64)
     chosen[-1] = int(total.argmin())
     for layer in range(L - 1, 0, -1):
@@ -230,312 +271,336 @@ def exact_placement(problem: JointProblem, rows: np.ndarray | None = None) -> np
     return rows[chosen]
 
 
-def _stay_terms(problem: JointProblem, prev_row: np.ndarray, row: np.ndarray) -> np.ndarray:
-    """``[Q, L]`` the stay part of ``layer_costs`` negated, for ``prev_row`` before ``row`` in
-    every layer (so that adding it removes the stay terms)."""
-    L = problem.num_layers
-    out = np.zeros((problem.num_profiles, L))
-    if L == 1:
-        return out
-    Xp = fractions(problem, prev_row[None])[0]
-    X = fractions(problem, row[None])[0]
-    Yp, Y = problem.per_node(Xp), problem.per_node(X)
-    stay_gpu = np.einsum("qlef,eg,fg->ql", problem.follow_pairs, Xp, X)
-    stay_node = np.einsum("qlef,ev,fv->ql", problem.follow_pairs, Yp, Y)
-    out[:, 1:] = problem.s[1:] * (problem.u_gpu[:, None] * stay_gpu
-                                  + problem.u_node[:, None] * stay_node)
-    return out
+def exact_is_optimal(problem: StepProblem, num_rows: int) -> bool:
+    """Whether ``exact_placement`` over ``num_rows`` rows per layer is exact and small
+    enough: ``return`` (up to ``EXACT_STATES`` rows), or ``follow`` on ordered traces with
+    ``even`` replicas (up to ``EXACT_FOLLOW_STATES`` rows: the program costs rows^2 per
+    layer)."""
+    if problem.robust == "max" and problem.num_profiles > 1:
+        return False
+    if problem.exec_model == "return":
+        return num_rows <= EXACT_STATES
+    return (num_rows <= EXACT_FOLLOW_STATES and problem.replica_policy == "even"
+            and all(sample.ordered for sample in problem.samples))
 
 
-def local_search(problem: JointProblem, phy2log: np.ndarray, deadline: float, seed: int,
-                 workers: int, kicks: int) -> tuple[np.ndarray, int, bool]:
-    """Improve ``phy2log [L, P]`` layer by layer until no layer improves or the deadline.
+def local_search(problem: StepProblem, phy2log: np.ndarray, deadline: float, seed: int,
+                 kicks: int, imbalance_slack: float = float("inf")
+                 ) -> tuple[np.ndarray, int, bool]:
+    """Improve ``phy2log [L, P]`` layer by layer until no layer improves or the deadline;
+    no layer's per-step busiest-GPU load (summed over steps) grows above 1 +
+    ``imbalance_slack`` times the start's.
 
-    Returns the placement, the sweeps made and whether the deadline stopped the search.
+    Returns the placement, the moves applied and whether the deadline stopped the search.
     """
-    global _PROBLEM
-    _PROBLEM = problem
     phy2log = phy2log.copy()
-    L = problem.num_layers
-    independent = problem.exec_model == "return" or L == 1
-    phases = [list(range(L))] if independent else [list(range(0, L, 2)),
-                                                   list(range(1, L, 2))]
-    pool = None
-    if workers > 1 and L > 1:
-        pool = ProcessPoolExecutor(max_workers=workers,
-                                   mp_context=multiprocessing.get_context("fork"))
-    sweeps = 0
-    try:
-        while time.perf_counter() < deadline:
-            improved = False
-            for phase in phases:
-                totals = layer_costs(problem, phy2log).sum(axis=1)
-                before = problem.combine(totals)
-                X = fractions(problem, phy2log)
-                tasks = [(layer, phy2log[layer], X[layer - 1] if layer else None,
-                          X[layer + 1] if layer + 1 < L else None, totals, deadline,
-                          seed * 1_000_003 + sweeps * L + layer, kicks) for layer in phase]
-                results = list(pool.map(_improve_task, tasks)) if pool else [
-                    _improve_task(task) for task in tasks]
-                trial = phy2log.copy()
-                for layer, (row, _) in zip(phase, results, strict=True):
-                    trial[layer] = row
-                after = objective(problem, trial)
-                if after < before - 1e-12 * abs(before):
-                    phy2log, improved = trial, True
-                elif problem.robust == "max" and any(delta.min() < 0 for _, delta in results):
-                    # Parallel layers may together raise another profile: redo one by one.
-                    for layer in phase:
-                        if time.perf_counter() >= deadline:
-                            break
-                        totals = layer_costs(problem, phy2log).sum(axis=1)
-                        X = fractions(problem, phy2log)
-                        row, _ = _improve_task((layer, phy2log[layer],
-                                                X[layer - 1] if layer else None,
-                                                X[layer + 1] if layer + 1 < L else None,
-                                                totals, deadline, seed + layer, kicks))
-                        trial = phy2log.copy()
-                        trial[layer] = row
-                        if objective(problem, trial) < objective(problem, phy2log):
-                            phy2log, improved = trial, True
-            sweeps += 1
-            if not improved:
-                return phy2log, sweeps, False
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return phy2log, sweeps, True
-
-
-def _improve_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Descend on one layer, then try ``kicks`` random kicks from the best row found.
-
-    Returns the layer's new row and the change ``[Q]`` of each profile's total.
-    """
-    layer, row, prev_X, next_X, totals, deadline, seed, kicks = task
-    problem = _PROBLEM
-    assert problem is not None
-    search = LayerSearch(problem, layer, row, prev_X, next_X, totals)
-    search.descend(deadline)
-    best_row, best_delta, base = search.row(), search.delta.copy(), np.zeros_like(totals)
     rng = np.random.default_rng(seed)
-    for _ in range(kicks):
-        if time.perf_counter() >= deadline:
-            break
-        search.kick(rng, max(2, search.P // 16))
-        search.descend(deadline)
-        candidate = base + search.delta
-        if problem.combine(totals + candidate) < problem.combine(totals + best_delta):
-            best_row, best_delta = search.row(), candidate
-        else:
-            search = LayerSearch(problem, layer, best_row, prev_X, next_X, totals + best_delta)
-            base = best_delta.copy()
-    return best_row, best_delta
+    moves = 0
+    caps = (1 + imbalance_slack) * peak_loads(problem, phy2log)                # [Q, L]
+    while time.perf_counter() < deadline:
+        improved = False
+        positions = [problem.homes[q] for q in range(problem.num_profiles)]
+        # [Q, L] mean seconds of every layer: the other layers' part of each workload's
+        # total is what a layer's moves are weighed against (it matters for robust max).
+        means = np.stack([step_costs(problem, phy2log, q).mean(axis=1)
+                          for q in range(problem.num_profiles)])
+        for layer in range(problem.num_layers):
+            if time.perf_counter() >= deadline:
+                return phy2log, moves, True
+            covered = slice(layer, layer + (2 if problem.exec_model == "follow" else 1))
+            base = means.sum(axis=1) - means[:, covered].sum(axis=1)
+            search = LayerSearch(problem, phy2log, layer, positions, base, caps[:, layer])
+            applied = search.descend(deadline)
+            applied += search.kick_and_descend(rng, kicks, deadline)
+            if applied:
+                phy2log[layer] = search.final_row()
+                means[:, covered] = search.layer_means()
+                moves += applied
+                improved = True
+            positions = search.positions_after()
+        if not improved:
+            return phy2log, moves, False
+    return phy2log, moves, True
 
 
 class LayerSearch:
-    """Swap search over one layer's slots with the neighbouring layers fixed.
+    """Moves in one layer's row, costed on every sampled step of every workload.
 
-    Items are the layer's P slots' contents (expert ``e[s]``, token share ``f[s]`` = 1 /
-    copies) placed on GPUs ``gpu[s]``. For Q profiles the layer's cost is
-
-        max_g W[q, g] - sum over item pairs on one GPU of Qg[q] - on one node of Qn[q]
-        + sum_s lin[q, s, gpu[s]]   (+ constants)
-
-    with ``W`` the GPUs' work, ``Qg``/``Qn`` the co-activation savings and ``lin`` the stay
-    savings towards the fixed neighbours (``_joint_objective``). ``delta [Q]`` accumulates
-    the change of each profile's cost.
+    The layer's exact cost (and, under ``follow``, the next layer's, since tokens sit where
+    this layer combines them) is ``layer_step_costs`` on the sampled steps; candidate moves
+    are ranked by ``_estimates`` first.
     """
 
-    def __init__(self, problem: JointProblem, layer: int, row: np.ndarray,
-                 prev_X: np.ndarray | None, next_X: np.ndarray | None,
-                 totals: np.ndarray) -> None:
-        self.problem, self.totals = problem, totals
+    def __init__(self, problem: StepProblem, phy2log: np.ndarray, layer: int,
+                 positions: list[np.ndarray], base: np.ndarray | None = None,
+                 peak_cap: np.ndarray | None = None) -> None:
+        """``positions``: where each workload's tokens sit entering the layer; ``base [Q]``:
+        each workload's mean seconds in the layers this search does not cost (default 0);
+        ``peak_cap [Q]``: the most a move may raise the layer's busiest-GPU load summed over
+        steps to (default: no cap)."""
+        self.problem, self.layer = problem, layer
+        self.base = np.zeros(problem.num_profiles) if base is None else base
+        self.peak_cap = (np.full(problem.num_profiles, np.inf) if peak_cap is None
+                         else peak_cap)
+        self.row = phy2log[layer].copy()
+        self.next_row = phy2log[layer + 1] if layer + 1 < problem.num_layers else None
+        self.positions = positions
         G, S = problem.num_gpus, problem.slots_per_gpu
-        self.P = len(row)
-        self.node = problem.node_of_gpu
-        self.e = np.asarray(row, dtype=np.int64)
-        self.gpu = np.arange(self.P) // S
-        copies = np.bincount(self.e, minlength=problem.num_experts)
-        self.f = 1.0 / copies[self.e]                                          # [P]
-        ff = self.f[:, None] * self.f[None, :]
-        C = problem.coact[:, layer][:, self.e][:, :, self.e] * ff              # [Q, P, P]
-        C[:, self.e[:, None] == self.e[None, :]] = 0.0
-        self.Qg = C * (problem.u_gpu * problem.cg[layer])[:, None, None]
-        self.Qn = C * (problem.u_node * problem.cn[layer])[:, None, None]
-        self.work = problem.work[:, layer][:, self.e] * self.f                 # [Q, P]
-        self.lin = self._linear(layer, prev_X, next_X)                         # [Q, P, G]
-        onehot = np.eye(G)[self.gpu]                                           # [P, G]
-        self.Kg = self.Qg @ onehot                                             # [Q, P, G]
-        self.Kn = self.Qn @ np.eye(problem.num_nodes)[self.node[self.gpu]]     # [Q, P, N]
-        self.W = np.einsum("qp,pg->qg", self.work, onehot)                     # [Q, G]
-        self.has = np.zeros((problem.num_experts, G), dtype=bool)
-        self.has[self.e, self.gpu] = True
-        self.delta = np.zeros(problem.num_profiles)
-        # Smallest decrease of the sum of squared GPU work that counts as flatter.
-        self.flat_tolerance = 1e-9 * float((self.W ** 2).mean())
+        self.gpu = np.arange(self.row.size) // S
+        self.node = problem.node_of_gpu[self.gpu]
+        E, k = problem.num_experts, problem.top_k
+        # Per workload: [S, E] tokens per step choosing each expert, and [E, E] pairs of
+        # experts chosen together by one token, per step and times 2 / k (anchored at one
+        # expert per token: a pairwise count overstates savings for k > 2).
+        self.counts, self.coact = [], []
+        for sample in problem.samples:
+            ids = sample.ids[:, layer, :].astype(np.int64)
+            index = sample.step_of[:, None] * E + ids
+            self.counts.append(np.bincount(index.ravel(), minlength=sample.num_steps * E)
+                               .reshape(sample.num_steps, E).astype(np.float64))
+            pair = (ids[:, :, None] * E + ids[:, None, :]).ravel()
+            coact = np.bincount(pair, minlength=E * E).reshape(E, E).astype(np.float64)
+            np.fill_diagonal(coact, 0.0)
+            self.coact.append(coact * (2 / k) / sample.num_steps)
+        hw, c, m = problem.hw, problem.coefficients, problem.model
+        # Seconds per node message saved (dispatch and combine, averaged over the GPUs).
+        self.node_message = (2 * m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
+                             * (1 - 1 / problem.num_nodes) / G)
+        # [E, n] which sampled tokens chose each expert: the tokens a move re-counts.
+        self.chooses = []
+        for sample in problem.samples:
+            chooses = np.zeros((E, sample.num_tokens), dtype=bool)
+            chooses[sample.ids[:, layer, :].astype(np.int64),
+                    np.arange(sample.num_tokens)[:, None]] = True
+            self.chooses.append(chooses)
+        # Exact counts of this layer (and, under follow, of the next, whose tokens start
+        # where this layer combines them) over all sampled tokens.
+        self.state = [self._count(q, self.row, None) for q in range(problem.num_profiles)]
+        self.cost = self._combined_cost(self.state)
 
-    def _linear(self, layer: int, prev_X: np.ndarray | None, next_X: np.ndarray | None
-                ) -> np.ndarray:
-        """``[Q, P, G]`` stay savings (negative costs) of each item on each GPU."""
+    def _count(self, q: int, row: np.ndarray, tokens: np.ndarray | None) -> tuple:
+        """(this layer's counts, positions after it, the next layer's counts or None) of
+        workload q over ``tokens`` (all when None)."""
         p = self.problem
-        lin = np.zeros((p.num_profiles, self.P, p.num_gpus))
-        last = layer + 1 == p.num_layers
-        if prev_X is not None and p.s[layer]:
-            # Stay_l: tokens from layer l-1's experts (fixed) to this layer's.
-            towards = np.einsum("qij,ig->qjg", p.follow_pairs[:, layer - 1], prev_X)
-            lin -= p.s[layer] * self._stay_saving(towards)
-        if next_X is not None and not last and p.s[layer + 1]:
-            # Stay_{l+1}: tokens from this layer's experts to layer l+1's (fixed).
-            towards = np.einsum("qij,jg->qig", p.follow_pairs[:, layer], next_X)
-            lin -= p.s[layer + 1] * self._stay_saving(towards)
-        return lin
+        position = self.positions[q] if tokens is None else self.positions[q][tokens]
+        counts, after = layer_counts(p, q, self.layer, row, position, tokens)
+        following = None
+        if p.exec_model == "follow" and self.next_row is not None:
+            following = layer_counts(p, q, self.layer + 1, self.next_row, after, tokens)[0]
+        return counts, after, following
 
-    def _stay_saving(self, towards: np.ndarray) -> np.ndarray:
-        """``[Q, P, G]`` stay savings per item and GPU from ``towards [Q, E, G]`` (follow
-        counts of each expert towards the fixed layer's experts on each GPU)."""
+    def _layer_means(self, state: list[tuple]) -> np.ndarray:
+        """``[Q, covered layers]`` mean seconds of this layer (and the next under follow)."""
         p = self.problem
-        by_node = p.per_node(towards)[..., self.node]
-        return self.f[None, :, None] * (p.u_gpu[:, None, None] * towards[:, self.e]
-                                        + p.u_node[:, None, None] * by_node[:, self.e])
+        return np.array([[counts_cost(p, counts).mean()] + (
+            [] if following is None else [counts_cost(p, following).mean()])
+            for counts, _, following in state])
 
-    def row(self) -> np.ndarray:
-        """``[P]`` the layer's phy2log row: each GPU's experts in ascending order."""
-        order = np.lexsort((self.e, self.gpu))
-        return self.e[order]
+    def layer_means(self) -> np.ndarray:
+        """The current ``_layer_means``."""
+        return self._layer_means(self.state)
 
-    def _deltas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cost change ``[Q, P, P]`` of every swap, its flatness change and the legal mask."""
-        g, n = self.gpu, self.node[self.gpu]
-        Kg = self.Kg[:, :, g]                                                  # [Q, s, t]
-        dg = np.diagonal(Kg, axis1=1, axis2=2)[:, :, None]                     # [Q, s, 1]
-        gain = Kg + Kg.transpose(0, 2, 1) - dg - dg.transpose(0, 2, 1) - 2 * self.Qg
-        other_node = n[:, None] != n[None, :]
-        if other_node.any():
-            Kn = self.Kn[:, :, n]
-            dn = np.diagonal(Kn, axis1=1, axis2=2)[:, :, None]
-            gain += other_node * (Kn + Kn.transpose(0, 2, 1) - dn - dn.transpose(0, 2, 1)
-                                  - 2 * self.Qn)
-        lin = self.lin[:, :, g]
-        dl = np.diagonal(lin, axis1=1, axis2=2)[:, :, None]
-        change = lin + lin.transpose(0, 2, 1) - dl - dl.transpose(0, 2, 1) - gain
-        # Balance: the two GPUs' work after the swap against the rest's maximum.
-        moved = self.work[:, None, :] - self.work[:, :, None]                  # w_t - w_s
-        w1 = self.W[:, g][:, :, None] + moved
-        w2 = self.W[:, g][:, None, :] - moved
-        rest = self._max_excluding()[:, g][:, :, g]
-        peak = self.W.max(axis=1)[:, None, None]
-        change += np.maximum(rest, np.maximum(w1, w2)) - peak
-        flat = (w1 ** 2 + w2 ** 2 - self.W[:, g][:, :, None] ** 2
-                - self.W[:, g][:, None, :] ** 2)
-        legal = ((g[:, None] != g[None, :]) & ~self.has[self.e][:, g].T
-                 & ~self.has[self.e][:, g] & (self.e[:, None] != self.e[None, :]))
-        return change, flat, legal
+    def _combined_cost(self, state: list[tuple]) -> float:
+        return self.problem.combine(self.base + self._layer_means(state).sum(axis=1))
 
-    def _max_excluding(self) -> np.ndarray:
-        """``[Q, G, G]`` largest GPU work outside GPUs a and b."""
-        G = self.problem.num_gpus
-        if G <= 2:
-            return np.zeros((self.problem.num_profiles, G, G))
-        order = np.argsort(-self.W, axis=1)[:, :3, None, None]                 # [Q, 3, 1, 1]
-        top = np.take_along_axis(self.W, order[:, :, 0, 0], axis=1)[:, :, None, None]
-        a, b = np.arange(G)[:, None], np.arange(G)[None, :]
-        outside = (a != order) & (b != order)                                  # [Q, 3, G, G]
-        return np.where(outside[:, 0], top[:, 0],
-                        np.where(outside[:, 1], top[:, 1], top[:, 2]))
+    def _trial(self, row: np.ndarray, changed: np.ndarray) -> tuple[float, list[tuple]]:
+        """Exact cost and state with ``row``, re-counting only the tokens that chose one of
+        the ``changed`` experts (the others' slots, messages and positions are unchanged)."""
+        state = []
+        for q, (counts, after, following) in enumerate(self.state):
+            tokens = np.flatnonzero(self.chooses[q][changed].any(axis=0))
+            old_counts, _, old_following = self._count(q, self.row, tokens)
+            new_counts, new_after, new_following = self._count(q, row, tokens)
+            moved_after = after
+            if following is not None:
+                moved_after = after.copy()
+                moved_after[tokens] = new_after
+                following = following - old_following + new_following
+            state.append((counts - old_counts + new_counts, moved_after, following))
+        return self._combined_cost(state), state
 
-    def _combined(self, change: np.ndarray) -> np.ndarray:
-        """The objective's change for per-profile changes ``[Q, ...]``."""
+    def positions_after(self) -> list[np.ndarray]:
+        """Where every sampled token sits after this layer (its home under ``return``)."""
+        return [after for _, after, _ in self.state]
+
+    def _estimates(self) -> tuple[np.ndarray, np.ndarray]:
+        """Estimated cost change of every swap ``[P, P]`` and every replica move ``[P, E]``
+        (slot p given to expert e; inf where illegal)."""
         p = self.problem
-        if p.robust == "max":
-            now = self.totals + self.delta
-            return (now[:, None, None] + change).max(axis=0) - now.max()
-        return np.einsum("q,q...->...", p.weights, change)
+        P, E, G = self.row.size, p.num_experts, p.num_gpus
+        copies = np.bincount(self.row, minlength=E).astype(np.float64)
+        share = 1.0 / copies[self.row]                                        # [P]
+        on_gpu = np.zeros((E, G), dtype=bool)
+        on_gpu[self.row, self.gpu] = True
+        swap = np.zeros((P, P))
+        move = np.zeros((P, E))
+        m, c, hw = p.model, p.coefficients, p.hw
+        onehot = np.eye(G)[self.gpu]                                          # [P, G]
+        for q, weight in enumerate(p.weights):
+            counts = self.counts[q]                                           # [S, E]
+            work = counts[:, self.row] * share                                # [S, P]
+            used = (work > 0).astype(np.float64)
+            pairs, active = work @ onehot, used @ onehot                      # [S, G]
+            now = gpu_compute_time(pairs, active, m, hw, c)
+            peak = now.max(axis=1)                                            # [S]
+            rest = _max_excluding(now)                                        # [S, G, G]
+            g = self.gpu
+            dw = work[:, None, :] - work[:, :, None]                          # [S, s, t] w_t - w_s
+            du = used[:, None, :] - used[:, :, None]
+            first = gpu_compute_time(pairs[:, g][:, :, None] + dw,
+                                     active[:, g][:, :, None] + du, m, hw, c)
+            second = gpu_compute_time(pairs[:, g][:, None, :] - dw,
+                                      active[:, g][:, None, :] - du, m, hw, c)
+            after = np.maximum(rest[:, g][:, :, g], np.maximum(first, second))
+            swap += weight * (after - peak[:, None, None]).mean(axis=0)
+            swap -= weight * self._node_saving(q)
+            if P > E:
+                # Slot s given to expert e: its GPU's work changes by e's share minus s's.
+                new_work = counts / (copies + 1)                               # [S, E]
+                gained = gpu_compute_time(
+                    pairs[:, g][:, :, None] - work[:, :, None] + new_work[:, None, :],
+                    active[:, g][:, :, None] - used[:, :, None]
+                    + (new_work > 0)[:, None, :], m, hw, c)
+                rest_one = _max_excluding(now)[:, np.arange(G), np.arange(G)][:, g]
+                move += weight * (np.maximum(rest_one[:, :, None], gained)
+                                  - peak[:, None, None]).mean(axis=0)
+        legal = ((self.gpu[:, None] != self.gpu[None, :])
+                 & ~on_gpu[self.row][:, self.gpu].T & ~on_gpu[self.row][:, self.gpu]
+                 & (self.row[:, None] != self.row[None, :]))
+        swap = np.where(legal, swap, np.inf)
+        movable = (copies[self.row] > 1)[:, None] & ~on_gpu[:, self.gpu].T
+        move = np.where(movable, move, np.inf) if P > E else np.full((P, E), np.inf)
+        return swap, move
 
-    def descend(self, deadline: float) -> None:
-        """Apply improving swaps until none lowers the cost (or flattens loads at no cost),
-        the move cap or the deadline.
+    def _node_saving(self, q: int) -> np.ndarray:
+        """``[P, P]`` estimated seconds per step saved in node messages by each swap: the
+        co-activation of each item with the other node's items gained minus its own node's
+        lost."""
+        if self.problem.num_nodes == 1:
+            return np.zeros((self.row.size, self.row.size))
+        coact = self.coact[q][self.row][:, self.row]                          # [P, P]
+        np.fill_diagonal(coact, 0.0)
+        N = self.problem.num_nodes
+        by_node = coact @ np.eye(N)[self.node]                                # [P, N]
+        n = self.node
+        own = by_node[np.arange(n.size), n]                                   # [P]
+        gain = (by_node[:, n] - own[:, None] - coact) + (by_node[:, n].T - own[None, :]
+                                                         - coact)
+        return np.where(n[:, None] != n[None, :], gain * self.node_message, 0.0)
 
-        All swaps are scored at once; then the best ones on distinct GPU pairs are applied
-        in order, each re-scored exactly first (swaps interact through nodes and the
-        busiest GPU), so one scoring pays for up to G / 2 moves.
-        """
-        scale = max(abs(float(self.problem.combine(self.totals))), 1e-300)
-        moves = 0
-        while moves < MOVES_PER_SLOT * self.P and time.perf_counter() < deadline:
-            change, flat, legal = self._deltas()
-            total = np.where(legal, self._combined(change), np.inf)
-            improving = np.flatnonzero(total < -1e-12 * scale)
-            if improving.size:
-                order = improving[np.argsort(total.ravel()[improving], kind="stable")]
-                moves += self._apply_batch(order, -1e-12 * scale)
-                continue
-            flat_total = np.where(legal & (total <= 0),
-                                  np.einsum("q,q...->...", self.problem.weights, flat), np.inf)
-            s, t = np.unravel_index(int(np.argmin(flat_total)), flat_total.shape)
-            if flat_total[s, t] >= -self.flat_tolerance:
-                return
-            self._swap(s, t, change[:, s, t])
-            moves += 1
-
-    def _apply_batch(self, order: np.ndarray, threshold: float) -> int:
-        """Apply swaps from ``order`` (flat indices into [P, P], best first) that touch GPUs
-        no earlier swap of the batch touched and still improve when re-scored."""
-        used = np.zeros(self.problem.num_gpus, dtype=bool)
+    def descend(self, deadline: float) -> int:
+        """Apply improving moves (best estimated first, each re-costed exactly) until none
+        of the ``VERIFY`` best estimates improves, the move cap or the deadline."""
         applied = 0
-        for index in order[: 4 * self.problem.num_gpus]:
-            s, t = divmod(int(index), self.P)
-            g1, g2 = self.gpu[s], self.gpu[t]
-            if used[g1] or used[g2]:
-                continue
-            change = self._swap_change(s, t)
-            if self._combined(change[:, None, None])[0, 0] < threshold:
-                self._swap(s, t, change)
-                used[g1] = used[g2] = True
-                applied += 1
+        while applied < MOVES_PER_SLOT * self.row.size and time.perf_counter() < deadline:
+            swap, move = self._estimates()
+            flat = np.concatenate([swap.ravel(), move.ravel()])
+            order = np.argsort(flat, kind="stable")[:VERIFY]
+            best = None
+            for index in order:
+                if not np.isfinite(flat[index]):
+                    break
+                row, changed = self._moved(int(index))
+                cost, state = self._trial(row, changed)
+                if (cost < (self.cost if best is None else best[0]) - 1e-12 * abs(self.cost)
+                        and self._within_cap(state)):
+                    best = (cost, row, state)
+            if best is None:
+                return applied
+            self.cost, self.row, self.state = best
+            applied += 1
         return applied
 
-    def _swap_change(self, s: int, t: int) -> np.ndarray:
-        """``[Q]`` exact cost change of swapping items s and t now (a legal swap)."""
-        g1, g2 = self.gpu[s], self.gpu[t]
-        n1, n2 = self.node[g1], self.node[g2]
-        gain = (self.Kg[:, s, g2] - self.Kg[:, s, g1] + self.Kg[:, t, g1] - self.Kg[:, t, g2]
-                - 2 * self.Qg[:, s, t])
-        if n1 != n2:
-            gain += (self.Kn[:, s, n2] - self.Kn[:, s, n1] + self.Kn[:, t, n1]
-                     - self.Kn[:, t, n2] - 2 * self.Qn[:, s, t])
-        lin = self.lin[:, s, g2] - self.lin[:, s, g1] + self.lin[:, t, g1] - self.lin[:, t, g2]
-        moved = self.work[:, t] - self.work[:, s]
-        after = self.W.copy()
-        after[:, g1] += moved
-        after[:, g2] -= moved
-        return lin - gain + after.max(axis=1) - self.W.max(axis=1)
+    def _within_cap(self, state: list[tuple]) -> bool:
+        """Whether every workload's busiest-GPU load, summed over steps, is within its cap."""
+        spg = self.problem.slots_per_gpu
+        return all(_peak_sum(counts.slot_pairs, spg) <= cap * (1 + 1e-12)
+                   for (counts, _, _), cap in zip(state, self.peak_cap, strict=True))
 
-    def kick(self, rng: np.random.Generator, swaps: int) -> None:
-        """Apply ``swaps`` random legal swaps (whatever they cost)."""
-        for _ in range(swaps):
-            change, _, legal = self._deltas()
-            candidates = np.argwhere(legal)
-            if not len(candidates):
-                return
-            s, t = candidates[rng.integers(len(candidates))]
-            self._swap(int(s), int(t), change[:, s, t])
+    def _moved(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row after move ``index`` (a flat index into swaps, then replica moves) and
+        the experts whose slots it changes."""
+        P = self.row.size
+        row = self.row.copy()
+        if index < P * P:
+            s, t = divmod(index, P)
+            row[s], row[t] = row[t], row[s]
+            return row, np.array([row[s], row[t]])
+        s, expert = divmod(index - P * P, self.problem.num_experts)
+        changed = np.array([row[s], expert])
+        row[s] = expert
+        return row, changed
 
-    def _swap(self, s: int, t: int, change: np.ndarray) -> None:
-        """Exchange the GPUs of items s and t, updating every running sum."""
-        g1, g2 = self.gpu[s], self.gpu[t]
-        n1, n2 = self.node[g1], self.node[g2]
-        moved_g = self.Qg[:, :, t] - self.Qg[:, :, s]
-        self.Kg[:, :, g1] += moved_g
-        self.Kg[:, :, g2] -= moved_g
-        if n1 != n2:
-            moved_n = self.Qn[:, :, t] - self.Qn[:, :, s]
-            self.Kn[:, :, n1] += moved_n
-            self.Kn[:, :, n2] -= moved_n
-        moved_w = self.work[:, t] - self.work[:, s]
-        self.W[:, g1] += moved_w
-        self.W[:, g2] -= moved_w
-        self.has[self.e[s], g1] = self.has[self.e[t], g2] = False
-        self.has[self.e[s], g2] = self.has[self.e[t], g1] = True
-        self.gpu[s], self.gpu[t] = g2, g1
-        self.delta += change
+    def final_row(self) -> np.ndarray:
+        """The layer's row, each GPU's experts in ascending order."""
+        return _canonical(self.row, self.problem.slots_per_gpu)
+
+    def kick_and_descend(self, rng: np.random.Generator, kicks: int, deadline: float) -> int:
+        """``kicks`` times: a few random legal swaps, then descent; kept when better."""
+        applied = 0
+        for _ in range(kicks):
+            if time.perf_counter() >= deadline:
+                break
+            saved = (self.cost, self.row.copy(), self.state)
+            for _ in range(max(2, self.row.size // 16)):
+                swap = self._legal_swaps()
+                if not len(swap):
+                    break
+                s, t = swap[rng.integers(len(swap))]
+                row = self.row.copy()
+                row[s], row[t] = row[t], row[s]
+                self.cost, self.state = self._trial(row, np.array([row[s], row[t]]))
+                self.row = row
+            gained = self.descend(deadline)
+            if self.cost < saved[0] - 1e-12 * abs(saved[0]) and self._within_cap(self.state):
+                applied += gained + 1
+            else:
+                self.cost, self.row, self.state = saved
+        return applied
+
+    def _legal_swaps(self) -> np.ndarray:
+        """``[m, 2]`` slot pairs whose swap keeps copies of an expert on distinct GPUs."""
+        E, G = self.problem.num_experts, self.problem.num_gpus
+        on_gpu = np.zeros((E, G), dtype=bool)
+        on_gpu[self.row, self.gpu] = True
+        legal = ((self.gpu[:, None] != self.gpu[None, :])
+                 & ~on_gpu[self.row][:, self.gpu].T & ~on_gpu[self.row][:, self.gpu])
+        return np.argwhere(np.triu(legal, 1))
+
+
+def _peak_sum(slot_pairs: np.ndarray, slots_per_gpu: int) -> float:
+    """Busiest GPU's token-expert pairs summed over steps, from ``slot_pairs [S, P]``."""
+    S = slot_pairs.shape[0]
+    return float(slot_pairs.reshape(S, -1, slots_per_gpu).sum(axis=2).max(axis=1).sum())
+
+
+def peak_loads(problem: StepProblem, phy2log: np.ndarray) -> np.ndarray:
+    """``[Q, L]`` each layer's busiest-GPU load summed over each workload's sampled steps
+    (the numerator of the per-step imbalance; its denominator does not depend on the
+    placement)."""
+    out = np.zeros((problem.num_profiles, problem.num_layers))
+    for q in range(problem.num_profiles):
+        position = problem.homes[q]
+        for layer in range(problem.num_layers):
+            counts, position = layer_counts(problem, q, layer, phy2log[layer], position)
+            out[q, layer] = _peak_sum(counts.slot_pairs, problem.slots_per_gpu)
+    return out
+
+
+def _canonical(row: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    """Each GPU's experts in ascending order (the same placement, one spelling)."""
+    return np.sort(row.reshape(-1, slots_per_gpu), axis=1).ravel()
+
+
+def _max_excluding(values: np.ndarray) -> np.ndarray:
+    """``[S, G, G]`` largest of ``values [S, G]`` outside columns a and b (0 if none)."""
+    S, G = values.shape
+    if G <= 2:
+        return np.zeros((S, G, G))
+    order = np.argsort(-values, axis=1)[:, :3]                                # [S, 3]
+    top = np.take_along_axis(values, order, axis=1)                           # [S, 3]
+    a, b = np.arange(G)[:, None], np.arange(G)[None, :]
+    outside = [(a != order[:, i, None, None]) & (b != order[:, i, None, None])
+               for i in range(3)]
+    return np.where(outside[0], top[:, 0, None, None],
+                    np.where(outside[1], top[:, 1, None, None], top[:, 2, None, None]))

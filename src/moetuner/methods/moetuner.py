@@ -76,6 +76,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -84,7 +85,7 @@ from scipy.sparse import coo_matrix
 
 from moetuner.cluster import Cluster
 from moetuner.errors import InputError
-from moetuner.methods import PlaceOptions, SolveRecord, register, relative_gap
+from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, register, relative_gap
 from moetuner.methods._cpsat import integer_scale, solve_cpsat
 from moetuner.methods.eplb import balanced_packing, replicate_experts
 from moetuner.placement import Placement, pack_slots
@@ -657,7 +658,23 @@ def _choose(params: dict, key: str, allowed: tuple[str, ...], default: str) -> s
     return value
 
 
-@register("moetuner", may_leave_empty=True)
+@dataclass(frozen=True)
+class MoetunerParams(MethodParams):
+    """Settings of ``moetuner`` (module docstring): cluster ``sizes``, the stage-2
+    algorithm ``ilp2``, the stage-1 solver ``ilp1``, which ``transitions`` to use, solver
+    ``workers``, the DP's state cap, stage 1's share of the time and the CP-SAT term cap."""
+
+    sizes: str = field(default="equal", metadata={"choices": ("equal", "free")})
+    ilp2: str = field(default="auto", metadata={"choices": ILP2_ALGORITHMS})
+    ilp1: str = field(default="cpsat", metadata={"choices": ("cpsat", "highs")})
+    transitions: str | None = field(default=None, metadata={"choices": ("top1", "topk")})
+    workers: int = field(default=1, metadata={"min": 1})
+    dp_max_states: int = field(default=120, metadata={"min": 1})
+    stage1_share: float | None = field(default=None, metadata={"min": 0.0})
+    max_terms: int = field(default=100_000, metadata={"min": 1})
+
+
+@register("moetuner", may_leave_empty=True, params=MoetunerParams)
 def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
           ) -> tuple[np.ndarray, SolveRecord]:
     start = time.perf_counter()
