@@ -31,7 +31,7 @@ from moetuner.profile import (
     half_cut,
     native_ids,
 )
-from moetuner.trace import Trace, select_sequences, validate_sequences
+from moetuner.trace import Trace, read_npz_sequences, select_sequences, validate_sequences
 
 # read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
 RowReader = Callable[[int], np.ndarray]
@@ -123,10 +123,7 @@ def stream_canonical_profile(
         if "topk_ids" not in data.files:
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
         shape, fortran, dtype = _npy_member_header(data.zip, "topk_ids.npy")
-        seq_lens = data["seq_lens"] if "seq_lens" in data.files else None
-        labels = {name: data[name] for name in data.files
-                  if name.startswith("seq_") and name != "seq_lens"}
-        stored_e = int(data["num_experts"]) if "num_experts" in data.files else None
+        seq_lens, labels, stored_e = read_npz_sequences(data, path)
     if len(shape) != 3 or not np.issubdtype(dtype, np.integer) or fortran:
         raise InputError(path, "topk_ids", "an integer C-order array [tokens, layers, k]",
                          f"{dtype} {list(shape)}")

@@ -278,6 +278,18 @@ def largest_id(ids: np.ndarray) -> int:
     return int(ids.max())
 
 
+def read_npz_sequences(data: np.lib.npyio.NpzFile, path: str | os.PathLike
+                       ) -> tuple[np.ndarray | None, dict[str, np.ndarray], int | None]:
+    """The per-sequence fields of an open canonical trace ``.npz``: ``seq_lens [sequences]``
+    (or None), the ``seq_*`` label arrays, and the stored ``num_experts`` (or None)."""
+    seq_lens = npz_array(data, "seq_lens", path) if "seq_lens" in data.files else None
+    labels = {name: npz_array(data, name, path) for name in data.files
+              if name.startswith("seq_") and name != "seq_lens"}
+    stored_e = (as_int(npz_array(data, "num_experts", path), path, "num_experts", 1,
+                       MAX_EXPERTS) if "num_experts" in data.files else None)
+    return seq_lens, labels, stored_e
+
+
 def load_trace(
     path: str | os.PathLike,
     select: Sequence[str] = (),
@@ -299,11 +311,7 @@ def load_trace(
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
         ids = npz_array(data, "topk_ids", path)
         weights = npz_array(data, "topk_weights", path) if "topk_weights" in data.files else None
-        seq_lens = npz_array(data, "seq_lens", path) if "seq_lens" in data.files else None
-        labels = {name: npz_array(data, name, path) for name in data.files
-                  if name.startswith("seq_") and name != "seq_lens"}
-        stored_e = (as_int(npz_array(data, "num_experts", path), path, "num_experts", 1,
-                           MAX_EXPERTS) if "num_experts" in data.files else None)
+        seq_lens, labels, stored_e = read_npz_sequences(data, path)
     if num_experts is None:
         num_experts = stored_e if stored_e is not None else largest_id(ids) + 1
     if (weights is not None and weights.shape == ids.shape

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from moetuner.eplb import as_numpy, like_input
 from moetuner.errors import InputError
 from moetuner.io import read_json
 from moetuner.methods.eplb import rebalance_experts as eplb_rebalance
@@ -224,14 +225,15 @@ def vllm_policy(config: JointOnlineConfig) -> type:
                               old_global_expert_indices: Any = None) -> Any:
             """``phy2log [L, num_replicas]`` (a tensor like ``weight``); ``num_groups`` is
             not used (the affinity comes from the profile)."""
-            load = _to_numpy(weight)
+            load = as_numpy(weight)
             if old_global_expert_indices is None:
                 # No current map: start from EPLB (no replicas on one GPU); nothing to keep.
                 old = eplb_rebalance(load, num_replicas, 1, 1, num_ranks, fixed=True)[0]
                 moves = num_replicas
             else:
-                old, moves = _to_numpy(old_global_expert_indices).astype(np.int64), None
-            return _like(weight, policy.rebalance(load, old, num_ranks, num_nodes, moves))
+                old, moves = as_numpy(old_global_expert_indices).astype(np.int64), None
+            return like_input(weight, np.asarray(
+                policy.rebalance(load, old, num_ranks, num_nodes, moves), dtype=np.int64))
 
     return JointPolicy
 
@@ -242,11 +244,11 @@ def sglang_rebalance_experts(tokens_per_expert: Any, num_physical_experts: int,
                              config: JointOnlineConfig | None = None) -> tuple[Any, Any, Any]:
     """SGLang's ``rebalance_experts`` signature (``tokens_per_expert [window, L, E]``):
     ``(phy2log [L, P], log2phy [L, E, P - E + 1], logcnt [L, E])``, tensors like the input."""
-    counts = _to_numpy(tokens_per_expert)
+    counts = as_numpy(tokens_per_expert)
     load = counts.sum(axis=0) if counts.ndim == 3 else counts
     G = num_physical_experts // num_local_physical_experts
     cls = _env_policy(config or _env_config())
-    phy2log = _to_numpy(cls.rebalance_experts(load, num_physical_experts, num_groups or 1,
+    phy2log = as_numpy(cls.rebalance_experts(load, num_physical_experts, num_groups or 1,
                                               num_nodes, G)).astype(np.int64)
     L, E = load.shape
     logcnt = np.stack([np.bincount(r, minlength=E) for r in phy2log])
@@ -256,7 +258,8 @@ def sglang_rebalance_experts(tokens_per_expert: Any, num_physical_experts: int,
         rank = np.arange(order.size) - (np.cumsum(logcnt[layer]) - logcnt[layer])[
             phy2log[layer][order]]
         log2phy[layer, phy2log[layer][order], rank] = order
-    return tuple(_like(tokens_per_expert, a) for a in (phy2log, log2phy, logcnt))
+    return tuple(like_input(tokens_per_expert, np.asarray(a, dtype=np.int64))
+                 for a in (phy2log, log2phy, logcnt))
 
 
 def _env_config() -> JointOnlineConfig:
@@ -268,22 +271,6 @@ def _env_config() -> JointOnlineConfig:
 def _env_policy(config: JointOnlineConfig) -> type:
     """The policy class of a config, built (profile read) once."""
     return vllm_policy(config)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if type(value).__module__.split(".")[0] == "torch":
-        value = value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
-
-
-def _like(reference: Any, array: np.ndarray) -> Any:
-    """``array`` (int64) as a tensor on ``reference``'s device when it is one."""
-    array = np.ascontiguousarray(array, dtype=np.int64)
-    if type(reference).__module__.split(".")[0] != "torch":
-        return array
-    import torch
-
-    return torch.from_numpy(array).to(reference.device)
 
 
 class JointEplbPolicy:
