@@ -44,12 +44,12 @@ from moetuner.cluster import make_cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, REPLICA_POLICIES, check_model, evaluate, model_for_trace
-from moetuner.inputs import read_profile, read_trace
+from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import read_json, write_json, write_together
 from moetuner.methods import PlaceOptions, methods, place
 from moetuner.models import ModelSpec, get_model
 from moetuner.parallel import map_tasks
-from moetuner.profile import Profile
+from moetuner.profile import Profile, sample_steps
 from moetuner.trace import Trace
 
 # Batching settings of the evaluator (``moetuner.steps``).
@@ -278,6 +278,13 @@ def run_point(task: PointTask) -> dict:
     cluster = make_cluster(point.gpus, point.nodes, point.gpu)
     options = PlaceOptions(redundant=point.redundant, time_limit=grid.time_limit,
                            seed=grid.seed, exec_model=point.exec_model)
+    if point.batching != "none" and is_trace(task.inputs.profile):
+        # Per-step objectives (joint) place on steps formed as this point's evaluation forms
+        # them; other methods ignore the steps.
+        source = _trace(task.inputs.profile, task.inputs.profile_select,
+                        task.inputs.profile_drop)
+        profile = dataclasses.replace(profile, steps=sample_steps(
+            source, point.gpus, point.batching, point.concurrency))
     placement, record = place(profile, cluster, point.method, options)
     result, cost = evaluate(placement, trace, cluster, model, point.exec_model,
                             **grid.evaluation.evaluate_kwargs(point, coefficients))
