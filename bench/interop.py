@@ -35,7 +35,8 @@ from moetuner.methods import methods
 from moetuner.models import get_model
 from moetuner.placement import Placement
 
-TRACES = Path("/work/shared/traces")
+# ../shared/traces beside the repository.
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
 def imbalance(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray, gpus: int
