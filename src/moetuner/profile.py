@@ -42,7 +42,13 @@ from moetuner.io import (
     read_npz,
     write_npz,
 )
-from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU, decode_steps, prefill_steps
+from moetuner.steps import (
+    DEFAULT_SEQUENCES_PER_GPU,
+    DEFAULT_STEP_TOKENS,
+    block_homes,
+    decode_steps,
+    prefill_steps,
+)
 from moetuner.trace import Trace, first_sequences
 
 # Routing records (token x layer x k) per chunk: a few MB of ids whatever the trace length.
@@ -54,7 +60,6 @@ _COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
 STEP_ENTRIES = 1 << 25
 STEP_COUNT = 128
 # vLLM's default max_num_batched_tokens (chunked prefill), as moetuner.steps.make_steps.
-DEFAULT_STEP_TOKENS = 8192
 _STEP_FIELDS = ("step_ids", "step_bounds", "step_slot", "step_token")
 
 
@@ -102,8 +107,7 @@ class StepSample:
         """int64 ``[n]`` home GPU of each token on G GPUs (as ``moetuner.steps`` homes it)."""
         if self.batching == "decode":
             return self.slot % num_gpus
-        sizes = np.diff(self.bounds)
-        return self.slot * num_gpus // np.repeat(sizes, sizes)
+        return block_homes(self.bounds, num_gpus)
 
     def __add__(self, other: StepSample) -> StepSample:
         """Both samples' steps (the second's after the first's); both must be formed alike."""
@@ -154,7 +158,7 @@ def sample_steps(trace: Trace, num_gpus: int, batching: str = "decode",
     return StepSample(ids=trace.topk_ids[picked.order].astype(np.uint16),
                       bounds=picked.bounds, slot=slot.astype(np.int64),
                       token=picked.order.astype(np.int64), batching=batching,
-                      concurrency=int(concurrency), ordered=bool(getattr(trace, "ordered", True)))
+                      concurrency=int(concurrency), ordered=trace.ordered)
 
 
 @dataclass(frozen=True)

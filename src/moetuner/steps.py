@@ -29,6 +29,8 @@ from moetuner.errors import InputError
 BATCHINGS = ("decode", "prefill", "none")
 # Running sequences per GPU in the default decode batching.
 DEFAULT_SEQUENCES_PER_GPU = 128
+# Tokens per prefill step by default (vLLM's default max_num_batched_tokens, chunked prefill).
+DEFAULT_STEP_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -155,11 +157,16 @@ def prefill_steps(num_tokens: int, step_tokens: int, num_gpus: int) -> Steps:
     bounds = np.append(np.arange(0, num_tokens, step_tokens), num_tokens).astype(np.int64)
     if num_tokens == 0:
         bounds = np.zeros(1, dtype=np.int64)
+    return Steps(order=order, bounds=bounds, home=block_homes(bounds, num_gpus),
+                 num_gpus=num_gpus, description=f"prefill, {step_tokens} tokens per step")
+
+
+def block_homes(bounds: np.ndarray, num_gpus: int) -> np.ndarray:
+    """int64 ``[n]`` home GPU of each token when every step ``bounds [S + 1]`` is split into
+    G contiguous blocks, block r homed on GPU r (prefill's homes)."""
     sizes = np.diff(bounds)
-    within = order - np.repeat(bounds[:-1], sizes)
-    home = within * num_gpus // np.repeat(sizes, sizes)
-    return Steps(order=order, bounds=bounds, home=home.astype(np.int64), num_gpus=num_gpus,
-                 description=f"prefill, {step_tokens} tokens per step")
+    within = np.arange(int(bounds[-1]), dtype=np.int64) - np.repeat(bounds[:-1], sizes)
+    return (within * num_gpus // np.repeat(sizes, sizes)).astype(np.int64)
 
 
 def whole_trace(num_tokens: int, num_gpus: int) -> Steps:
@@ -175,14 +182,14 @@ def make_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int,
                step_tokens: int | None = None) -> Steps:
     """Steps of a trace under ``batching`` (``decode``, ``prefill`` or ``none``).
 
-    Defaults: ``concurrency`` = 128 x G running sequences; ``step_tokens`` = 8192 (vLLM's
-    default ``max_num_batched_tokens`` for chunked prefill).
+    Defaults: ``concurrency`` = 128 x G running sequences; ``step_tokens`` =
+    ``DEFAULT_STEP_TOKENS``.
     """
     if batching == "decode":
         return decode_steps(seq_lens, num_tokens,
                             concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus, num_gpus)
     if batching == "prefill":
-        return prefill_steps(num_tokens, step_tokens or 8192, num_gpus)
+        return prefill_steps(num_tokens, step_tokens or DEFAULT_STEP_TOKENS, num_gpus)
     if batching == "none":
         return whole_trace(num_tokens, num_gpus)
     raise InputError("--batching", "batching", f"one of {', '.join(BATCHINGS)}", repr(batching))
