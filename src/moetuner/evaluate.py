@@ -287,7 +287,9 @@ def _replay_chunk(
             where = (ids, current[:, None])
             slot = tables[0][layer][(*where, token[:, None] % tables[1][layer][where])]
         gpu = slot // slots_per_gpu                                       # [n, k]
-        totals.load[layer] += np.bincount(gpu.ravel(), minlength=G)
+        step_load = np.bincount((step[:, None] * G + gpu).ravel(),
+                                minlength=num_steps * G).reshape(num_steps, G)
+        totals.load[layer] += step_load.sum(axis=0)
         totals.used_slots[layer] |= np.bincount(slot.ravel(), minlength=P) > 0
         present = np.zeros((n, G), dtype=bool)                            # [n, G]
         present[rows[:, None], gpu] = True
@@ -309,8 +311,6 @@ def _replay_chunk(
         totals.moves[:, layer] += (pairs[0].size, cross_gpu, cross_node)
         if cost is None:
             continue
-        step_load = np.bincount((step[:, None] * G + gpu).ravel(),
-                                minlength=num_steps * G).reshape(num_steps, G)
         active = _active_slots(step, slot, num_steps, P, slots_per_gpu)
         times[0, :, layer] = cost.exchange(dispatch[1])
         times[1, :, layer] = cost.compute(step_load, active)
