@@ -255,3 +255,11 @@ def test_cli_place_round_trip_and_bad_input(tmp_path, capsys):
         assert run(["place", str(SLICE), *args, "-o", str(bad)]) == 2
     assert not bad.exists()
     assert "error" in capsys.readouterr().err
+
+
+def test_only_per_step_methods_ask_for_sampled_steps():
+    from moetuner.methods import uses_steps
+
+    assert uses_steps("joint")
+    assert not any(uses_steps(m) for m in ("linear", "round_robin", "eplb", "eplb_fixed",
+                                           "moetuner"))

@@ -46,7 +46,7 @@ from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, REPLICA_POLICIES, check_model, evaluate, model_for_trace
 from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import read_json, write_json, write_together
-from moetuner.methods import PlaceOptions, methods, place
+from moetuner.methods import PlaceOptions, methods, place, uses_steps
 from moetuner.models import ModelSpec, get_model
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, sample_steps
@@ -278,9 +278,9 @@ def run_point(task: PointTask) -> dict:
     cluster = make_cluster(point.gpus, point.nodes, point.gpu)
     options = PlaceOptions(redundant=point.redundant, time_limit=grid.time_limit,
                            seed=grid.seed, exec_model=point.exec_model)
-    if point.batching != "none" and is_trace(task.inputs.profile):
+    if point.batching != "none" and uses_steps(point.method) and is_trace(task.inputs.profile):
         # Per-step objectives (joint) place on steps formed as this point's evaluation forms
-        # them; other methods ignore the steps.
+        # them.
         source = _trace(task.inputs.profile, task.inputs.profile_select,
                         task.inputs.profile_drop)
         profile = dataclasses.replace(profile, steps=sample_steps(

@@ -24,7 +24,15 @@ from moetuner.cli.options import (
 from moetuner.errors import InputError
 from moetuner.inputs import read_trace
 from moetuner.io import check_outputs
-from moetuner.methods import PlaceOptions, SolveRecord, Workload, methods, parse_params, place
+from moetuner.methods import (
+    PlaceOptions,
+    SolveRecord,
+    Workload,
+    methods,
+    parse_params,
+    place,
+    uses_steps,
+)
 from moetuner.methods._joint_objective import EXEC_MODELS
 from moetuner.placement import Placement
 from moetuner.profile import Profile, profiles_by_label
@@ -110,10 +118,11 @@ def place_command(
         raise InputError("--method", "method", f"one of {', '.join(methods())}", repr(method))
     params = parse_params(method, param)
     cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
-    # Per-step objectives need engine steps sampled for this cluster.
-    profiles = workload_profiles(sources, split_by, select, drop, step_gpus=gpus,
-                                 batching=params.get("batching", "decode"),
-                                 concurrency=params.get("concurrency"))
+    # Per-step objectives need engine steps sampled for this cluster (which reads each
+    # trace whole); the other methods profile streamed traces.
+    steps = ({"step_gpus": gpus, "batching": params.get("batching", "decode"),
+              "concurrency": params.get("concurrency")} if uses_steps(method) else {})
+    profiles = workload_profiles(sources, split_by, select, drop, **steps)
     if not profiles or not all(p.load.any() for p in profiles):
         raise InputError(", ".join(map(str, sources)), "tokens",
                          "routed tokens in every workload (the selection left none)", 0)

@@ -87,6 +87,12 @@ def params_class(method: str) -> type[MethodParams]:
     return _PARAMS.get(method, MethodParams)
 
 
+def uses_steps(method: str) -> bool:
+    """Whether ``method`` optimises per engine step (its settings name a ``batching``): its
+    profiles must carry sampled steps (``profile_trace(step_gpus=...)``)."""
+    return "batching" in {f.name for f in fields(params_class(method))}
+
+
 def parse_params(method: str, pairs: list[str] | dict | MethodParams | None) -> MethodParams:
     """The settings of ``method`` from ``KEY=VALUE`` strings (or a dict of values).
 
