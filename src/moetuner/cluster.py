@@ -43,6 +43,8 @@ GPUS: dict[str, GPUSpec] = {
     g.name: g
     for g in [
         GPUSpec("h100", 989e12, 3.35e12, 80e9, 450e9, 50e9),
+        # H800: the H100 with NVLink cut to 400 GB/s both ways (DeepEP's published runs).
+        GPUSpec("h800", 989e12, 3.35e12, 80e9, 200e9, 50e9),
         GPUSpec("h200", 989e12, 4.8e12, 141e9, 450e9, 50e9),
         GPUSpec("a100", 312e12, 2.039e12, 80e9, 300e9, 25e9),
         GPUSpec("b200", 2.25e15, 8.0e12, 180e9, 900e9, 50e9),

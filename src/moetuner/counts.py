@@ -16,32 +16,42 @@ from moetuner.models import ModelSpec
 
 @dataclass(frozen=True)
 class Exchange:
-    """One all-to-all step of every layer (dispatch or combine), counted in token messages.
+    """One all-to-all step of every layer (dispatch or combine).
 
     Attributes:
-        tokens: int ``[L, G, G]`` messages from GPU (row) to GPU (column); diagonal 0.
-        node_sent: int ``[L, G]`` cross-node messages each GPU sends (one per token and
-            distinct remote node, as DeepEP does).
-        node_received: int ``[L, G]`` cross-node messages each GPU receives.
+        tokens: int ``[L, G, G]`` token moves from GPU (row) to GPU (column), one per token
+            and distinct destination GPU whatever the kernel; diagonal 0.
+        messages: int ``[4, L, G]`` the kernel's messages (``moetuner.engine``) each GPU
+            sends inside its node, receives inside its node, sends across nodes, receives
+            across nodes.
     """
 
     tokens: np.ndarray
-    node_sent: np.ndarray
-    node_received: np.ndarray
+    messages: np.ndarray
+
+    @property
+    def node_sent(self) -> np.ndarray:
+        """int ``[L, G]`` cross-node messages each GPU sends."""
+        return self.messages[2]
+
+    @property
+    def node_received(self) -> np.ndarray:
+        """int ``[L, G]`` cross-node messages each GPU receives."""
+        return self.messages[3]
 
     def __add__(self, other: Exchange) -> Exchange:
-        return Exchange(self.tokens + other.tokens, self.node_sent + other.node_sent,
-                        self.node_received + other.node_received)
+        return Exchange(self.tokens + other.tokens, self.messages + other.messages)
 
 
 @dataclass(frozen=True)
 class Replay:
-    """What a trace does on a placement under one execution model and replica policy,
-    summed over all its tokens (the per-step figures are in ``StepTimes``).
+    """What a trace does on a placement under one execution model, replica policy and
+    kernel, summed over all its tokens (the per-step figures are in ``StepTimes``).
 
     Attributes:
         exec_model: ``return`` or ``follow``.
         replica_policy: ``even`` or ``nearest``.
+        kernel: the all-to-all kernel whose messages ``dispatch`` and ``combine`` count.
         num_tokens: tokens replayed (T).
         node_of_gpu: int ``[G]`` node of each GPU.
         load: int ``[L, G]`` token-expert pairs computed by each GPU.
@@ -52,10 +62,12 @@ class Replay:
         moves: int ``[L]`` (token, distinct destination GPU) pairs of dispatch.
         moves_cross_gpu: int ``[L]`` of those, destinations other than the token's GPU.
         moves_cross_node: int ``[L]`` of those, destinations on another node.
+        remote_nodes: int ``[L]`` (token, distinct remote node) pairs of dispatch.
     """
 
     exec_model: str
     replica_policy: str
+    kernel: str
     num_tokens: int
     node_of_gpu: np.ndarray
     load: np.ndarray
@@ -66,6 +78,7 @@ class Replay:
     moves: np.ndarray
     moves_cross_gpu: np.ndarray
     moves_cross_node: np.ndarray
+    remote_nodes: np.ndarray
 
     @property
     def num_layers(self) -> int:
@@ -109,6 +122,11 @@ class Replay:
     def share_cross_node(self) -> float:
         return _share(self.moves_cross_node, self.moves)
 
+    @property
+    def remote_nodes_per_token(self) -> float:
+        """Mean distinct remote nodes a token's dispatch reaches per layer."""
+        return float(self.remote_nodes.sum()) / max(self.num_tokens * self.num_layers, 1)
+
     def traffic_bytes(self, model: ModelSpec) -> np.ndarray:
         """``[L, G, G]`` bytes of dispatch and combine (one token activation per message)."""
         return self.traffic * model.token_bytes
@@ -117,20 +135,22 @@ class Replay:
         """Two disjoint sets of tokens replayed alike (e.g. the intervals of an online
         replay); a slot counts as active when it is in either."""
         return Replay(exec_model=self.exec_model, replica_policy=self.replica_policy,
-                      num_tokens=self.num_tokens + other.num_tokens,
+                      kernel=self.kernel, num_tokens=self.num_tokens + other.num_tokens,
                       node_of_gpu=self.node_of_gpu, load=self.load + other.load,
                       tokens_in=self.tokens_in + other.tokens_in,
                       active_experts=np.maximum(self.active_experts, other.active_experts),
                       dispatch=self.dispatch + other.dispatch,
                       combine=self.combine + other.combine, moves=self.moves + other.moves,
                       moves_cross_gpu=self.moves_cross_gpu + other.moves_cross_gpu,
-                      moves_cross_node=self.moves_cross_node + other.moves_cross_node)
+                      moves_cross_node=self.moves_cross_node + other.moves_cross_node,
+                      remote_nodes=self.remote_nodes + other.remote_nodes)
 
     def summary(self) -> dict:
         """The scalar metrics, for tables and JSON."""
         return {
             "exec_model": self.exec_model,
             "replica_policy": self.replica_policy,
+            "kernel": self.kernel,
             "tokens": self.num_tokens,
             "imbalance": self.imbalance,
             "balancedness": self.balancedness,
@@ -138,6 +158,7 @@ class Replay:
             "share_cross_node": self.share_cross_node,
             "traffic_tokens": int(self.traffic.sum()),
             "node_messages": int(self.dispatch.node_sent.sum() + self.combine.node_sent.sum()),
+            "remote_nodes_per_token": self.remote_nodes_per_token,
         }
 
 

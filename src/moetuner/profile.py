@@ -45,6 +45,9 @@ from moetuner.io import (
 from moetuner.steps import (
     DEFAULT_SEQUENCES_PER_GPU,
     DEFAULT_STEP_TOKENS,
+    SERVING_STEPS,
+    TOKENS_PER_GPU,
+    StepPlan,
     block_homes,
     decode_steps,
     prefill_steps,
@@ -59,7 +62,6 @@ _COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
 # the default number of sampled steps.
 STEP_ENTRIES = 1 << 25
 STEP_COUNT = 128
-# vLLM's default max_num_batched_tokens (chunked prefill), as moetuner.steps.make_steps.
 _STEP_FIELDS = ("step_ids", "step_bounds", "step_slot", "step_token")
 
 
@@ -133,31 +135,39 @@ class StepSample:
                     "ordered": self.ordered}))}
 
 
-def sample_steps(trace: Trace, num_gpus: int, batching: str = "decode",
-                 concurrency: int | None = None, count: int = STEP_COUNT, seed: int = 0
-                 ) -> StepSample:
-    """Draw ``count`` steps of ``trace`` formed as the evaluator forms them
-    (``moetuner.steps.make_steps``: decode at C = ``concurrency``, default 128 x G, or
-    prefill chunks of ``concurrency`` tokens, default 8192), fewer when the sample would
-    exceed ``STEP_ENTRIES`` ids (never fewer than one step)."""
-    if batching not in ("decode", "prefill"):
-        raise InputError("--batching", "batching", "decode or prefill (sampled steps)",
-                         repr(batching))
-    if batching == "decode":
-        concurrency = concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus
+def sample_steps(trace: Trace, num_gpus: int, plan: StepPlan = StepPlan(),
+                 count: int = STEP_COUNT, seed: int = 0) -> StepSample:
+    """Engine steps of ``trace`` formed as the evaluator forms them under ``plan``: at
+    serving scale (``moetuner.steps.serving_steps``, the plan's steps), or ``count`` steps
+    drawn from the recorded order (decode at C = ``plan.concurrency``, default 128 x G, or
+    prefill chunks of ``plan.step_tokens``); fewer when the sample would exceed
+    ``STEP_ENTRIES`` ids (never fewer than one step)."""
+    if plan.source == "average":
+        raise InputError("--replay", "replay", "serving or recorded (sampled steps)",
+                         repr(plan.source))
+    per_token = trace.num_layers * trace.top_k
+    if plan.source == "serving":
+        width = (plan.tokens_per_gpu or TOKENS_PER_GPU[plan.phase]) * num_gpus
+        wanted = plan.num_steps or SERVING_STEPS[plan.phase]
+        fits = max(1, STEP_ENTRIES // (width * per_token))
+        picked = dataclasses.replace(plan, num_steps=min(wanted, fits)).steps(
+            trace.seq_lens, trace.num_tokens, num_gpus)
+        concurrency = width
+    elif plan.phase == "decode":
+        concurrency = plan.concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus
         # Formed on C "GPUs", a token's home is its slot; its home on G GPUs is slot mod G.
         steps = decode_steps(trace.seq_lens, trace.num_tokens, concurrency, concurrency)
     else:
-        concurrency = concurrency or DEFAULT_STEP_TOKENS
+        concurrency = plan.step_tokens or DEFAULT_STEP_TOKENS
         steps = prefill_steps(trace.num_tokens, concurrency, num_gpus)
-    per_step = max(float(steps.sizes.mean()), 1.0) * trace.num_layers * trace.top_k
-    count = max(1, min(int(count), int(STEP_ENTRIES // per_step)))
-    picked = steps.sample(count, seed)
+    if plan.source == "recorded":
+        per_step = max(float(steps.sizes.mean()), 1.0) * per_token
+        picked = steps.sample(max(1, min(int(count), int(STEP_ENTRIES // per_step))), seed)
     within = np.arange(picked.num_tokens) - np.repeat(picked.bounds[:-1], picked.sizes)
-    slot = picked.home if batching == "decode" else within
+    slot = picked.home if plan.phase == "decode" and plan.source == "recorded" else within
     return StepSample(ids=trace.topk_ids[picked.order].astype(np.uint16),
                       bounds=picked.bounds, slot=slot.astype(np.int64),
-                      token=picked.order.astype(np.int64), batching=batching,
+                      token=picked.keys.astype(np.int64), batching=plan.phase,
                       concurrency=int(concurrency), ordered=trace.ordered)
 
 
@@ -481,8 +491,7 @@ def profile_trace(
     chunk_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
     step_gpus: int | None = None,
-    batching: str = "decode",
-    concurrency: int | None = None,
+    plan: StepPlan = StepPlan(),
 ) -> Profile:
     """Count a trace's routing statistics in streaming chunks.
 
@@ -494,7 +503,7 @@ def profile_trace(
         chunk_tokens: tokens per chunk (bounds memory); default from ``chunk_tokens_for``.
         progress: called with the number of tokens counted after each chunk.
         step_gpus: when given, also keep engine steps sampled for G GPUs (``sample_steps``
-            with ``batching`` and ``concurrency``) for per-step objectives.
+            under ``plan``) for per-step objectives.
     """
     check_count_size(trace.num_layers, trace.num_experts, trace.source)
     chunk = chunk_tokens or chunk_tokens_for(trace.num_layers, trace.num_experts, trace.top_k)
@@ -507,7 +516,7 @@ def profile_trace(
     provenance = [{"source": trace.source, "selection": trace.selection,
                    "tokens": trace.num_tokens}]
     steps = (None if step_gpus is None or not trace.num_tokens
-             else sample_steps(trace, step_gpus, batching, concurrency))
+             else sample_steps(trace, step_gpus, plan))
     return dataclasses.replace(counter.profile(provenance, trace.source), steps=steps)
 
 
@@ -517,7 +526,7 @@ def profiles_by_label(trace: Trace, label: str, **steps) -> list[Profile]:
     Passed as a ``Workload`` (with their token counts as weights), they make
     ``joint`` minimise the expected objective over the sub-workloads, which hedges a static
     placement against a change of the mix (drift) instead of fitting one aggregate.
-    ``steps`` (``step_gpus``, ``batching``, ``concurrency``) go to ``profile_trace``.
+    ``steps`` (``step_gpus``, ``plan``) go to ``profile_trace``.
     """
     labels = trace.labels(label)
     return [profile_trace(trace.take_sequences(labels == value, f"{label}={value}"), **steps)

@@ -14,6 +14,21 @@ below form it the way engines batch:
   the step's tokens are split into G contiguous blocks, block r homed on GPU r (data-parallel
   attention gives each rank a contiguous piece of the chunk).
 - ``whole_trace``: one step of every token, home ``t mod G`` (the whole-trace average).
+
+Those replay the recorded order, whose steps hold only the sequences a trace recorded (a
+few hundred requests: tens of tokens in a whole cluster). Clusters serve thousands at once,
+so by default steps are synthesised at serving scale from the recorded requests
+(``serving_steps``), drawn once with a seed so every placement is scored on the same steps:
+
+- decode: N x G slots (N tokens per GPU, default 128); each slot starts in a recorded
+  request drawn with replacement in proportion to its length (the request a slot holds at a
+  random moment of steady-state continuous batching) at a uniformly random offset, then
+  runs fresh requests drawn uniformly from their start. Home: slot mod G.
+- prefill: whole recorded requests drawn uniformly with replacement, concatenated and cut
+  into steps of N x G tokens (N default 4,096), each split into G contiguous blocks.
+
+A request drawn twice is replayed twice; each replayed token has its own replica-choice key
+(its position in the steps).
 """
 
 from __future__ import annotations
@@ -21,12 +36,20 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from moetuner.engine import Phase, checked
 from moetuner.errors import InputError
 
 BATCHINGS = ("decode", "prefill", "none")
+# How steps are formed: synthesised at serving scale, the recorded order, or one averaged step.
+StepSource = Literal["serving", "recorded", "average"]
+# Tokens per GPU of a serving-scale step by default (production decode and prefill, brief
+# section 10), and steps drawn by default.
+TOKENS_PER_GPU = {"decode": 128, "prefill": 4096}
+SERVING_STEPS = {"decode": 64, "prefill": 16}
 # Running sequences per GPU in the default decode batching.
 DEFAULT_SEQUENCES_PER_GPU = 128
 # Tokens per prefill step by default (vLLM's default max_num_batched_tokens, chunked prefill).
@@ -43,6 +66,8 @@ class Steps:
         home: int64 ``[n]`` home GPU of the token ``order[i]``.
         num_gpus: G.
         description: how the steps were formed, for reports.
+        key: int64 ``[n]`` replica-choice hash of each replayed token, or None for
+            ``order`` (the trace index; synthesised steps replay a token more than once).
     """
 
     order: np.ndarray
@@ -50,6 +75,12 @@ class Steps:
     home: np.ndarray
     num_gpus: int
     description: str = ""
+    key: np.ndarray | None = None
+
+    @property
+    def keys(self) -> np.ndarray:
+        """int64 ``[n]`` replica-choice hash of each replayed token."""
+        return self.order if self.key is None else self.key
 
     @property
     def num_steps(self) -> int:
@@ -69,13 +100,17 @@ class Steps:
         """int64 ``[n]`` step of the token ``order[i]``."""
         return np.repeat(np.arange(self.num_steps, dtype=np.int64), self.sizes)
 
-    def chunks(self, max_tokens: int) -> Iterator[tuple[int, int]]:
-        """Ranges ``[lo, hi)`` of whole steps holding at most ``max_tokens`` tokens each (a
-        single step larger than that is a range of its own), covering every step in order."""
+    def chunks(self, max_tokens: int, max_steps: int | None = None
+               ) -> Iterator[tuple[int, int]]:
+        """Ranges ``[lo, hi)`` of whole steps holding at most ``max_tokens`` tokens and
+        ``max_steps`` steps each (a single step larger than that is a range of its own),
+        covering every step in order."""
         lo = 0
         while lo < self.num_steps:
             limit = self.bounds[lo] + max(int(max_tokens), 1)
             hi = int(np.searchsorted(self.bounds, limit, side="right")) - 1
+            if max_steps is not None:
+                hi = min(hi, lo + max(int(max_steps), 1))
             hi = min(max(hi, lo + 1), self.num_steps)
             yield lo, hi
             lo = hi
@@ -88,7 +123,8 @@ class Steps:
                  + np.arange(int(sizes.sum())))
         return Steps(order=self.order[index], home=self.home[index],
                      bounds=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                     num_gpus=self.num_gpus, description=self.description)
+                     num_gpus=self.num_gpus, description=self.description,
+                     key=None if self.key is None else self.key[index])
 
     def sample(self, count: int, seed: int = 0) -> Steps:
         """``count`` steps drawn without replacement (all when there are fewer), in step
@@ -193,6 +229,133 @@ def make_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int,
     if batching == "none":
         return whole_trace(num_tokens, num_gpus)
     raise InputError("--batching", "batching", f"one of {', '.join(BATCHINGS)}", repr(batching))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the evaluator and the objectives form engine steps.
+
+    Attributes:
+        phase: ``decode`` or ``prefill``.
+        source: ``serving`` (synthesised at serving scale, ``serving_steps``), ``recorded``
+            (the trace's own order, ``make_steps``) or ``average`` (the whole-trace average).
+        tokens_per_gpu: serving: tokens per GPU per step (default ``TOKENS_PER_GPU``).
+        num_steps: serving: steps drawn (default ``SERVING_STEPS``).
+        seed: serving: the draw's seed.
+        concurrency: recorded decode: running sequences (default 128 x G).
+        step_tokens: recorded prefill: tokens per step (default ``DEFAULT_STEP_TOKENS``).
+    """
+
+    phase: Phase = "decode"
+    source: StepSource = "serving"
+    tokens_per_gpu: int | None = None
+    num_steps: int | None = None
+    seed: int = 0
+    concurrency: int | None = None
+    step_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        checked(self.phase, Phase, "--phase", "phase")
+        checked(self.source, StepSource, "--replay", "replay")
+        for flag, value in (("--tokens-per-gpu", self.tokens_per_gpu),
+                            ("--steps", self.num_steps), ("--concurrency", self.concurrency),
+                            ("--step-tokens", self.step_tokens)):
+            if value is not None:
+                _check_positive(flag, flag.lstrip("-").replace("-", "_"), value)
+
+    def steps(self, seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int
+              ) -> Steps | None:
+        """The steps of a trace with ``seq_lens`` and ``num_tokens`` on G GPUs (None for the
+        whole-trace average)."""
+        if self.source == "average":
+            return None
+        if self.source == "recorded":
+            return make_steps(seq_lens, num_tokens, num_gpus, self.phase, self.concurrency,
+                              self.step_tokens)
+        return serving_steps(seq_lens, num_tokens, num_gpus, self.phase,
+                             self.tokens_per_gpu or TOKENS_PER_GPU[self.phase],
+                             self.num_steps or SERVING_STEPS[self.phase], self.seed)
+
+
+def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, phase: str,
+                  tokens_per_gpu: int, num_steps: int, seed: int = 0) -> Steps:
+    """``num_steps`` steps of ``tokens_per_gpu x G`` tokens synthesised from the recorded
+    requests (module docstring), the same for the same arguments.
+
+    Args:
+        seq_lens: int ``[R]`` tokens of each recorded request, stored one after another, or
+            None (every token its own request).
+        num_tokens: T, the trace's tokens.
+        num_gpus: G.
+        phase: ``decode`` or ``prefill``.
+        tokens_per_gpu: N.
+        num_steps: S.
+    """
+    checked(phase, Phase, "--phase", "phase")
+    _check_positive("--gpus", "num_gpus", num_gpus)
+    _check_positive("--tokens-per-gpu", "tokens_per_gpu", tokens_per_gpu)
+    _check_positive("--steps", "num_steps", num_steps)
+    lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
+            else np.asarray(seq_lens, dtype=np.int64))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    requests = np.flatnonzero(lens > 0)
+    if not requests.size:
+        raise InputError("--trace", "seq_lens", "at least one request with tokens", 0)
+    lens, starts = lens[requests], starts[requests]
+    rng = np.random.default_rng(seed)
+    width = tokens_per_gpu * num_gpus
+    if phase == "decode":
+        order = _decode_stream(lens, starts, width, num_steps, rng)
+        home = np.tile(np.arange(width, dtype=np.int64) % num_gpus, num_steps)
+        what = f"{width:,} running sequences per step"
+    else:
+        order, drawn = _prefill_stream(lens, starts, width * num_steps, rng)
+        home = block_homes(np.arange(0, width * num_steps + 1, width, dtype=np.int64),
+                           num_gpus)
+        what = f"{width:,} tokens per step ({drawn:,} requests drawn)"
+    return Steps(order=order, bounds=np.arange(0, width * num_steps + 1, width,
+                                               dtype=np.int64),
+                 home=home, num_gpus=num_gpus, key=np.arange(order.size, dtype=np.int64),
+                 description=f"{phase}: {what}, resampled from {lens.size:,} recorded "
+                 f"requests, {num_steps} steps")
+
+
+def _decode_stream(lens: np.ndarray, starts: np.ndarray, slots: int, num_steps: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """int64 ``[num_steps x slots]`` trace index of each slot's token in each step (step
+    major): each slot starts inside a length-biased request at a random offset, then runs
+    requests drawn uniformly from their start."""
+    table = np.empty((slots, num_steps), dtype=np.int64)
+    request = rng.choice(lens.size, size=slots, p=lens / lens.sum())
+    offset = (rng.random(slots) * lens[request]).astype(np.int64)
+    filled = np.zeros(slots, dtype=np.int64)
+    slot = np.arange(slots)
+    while slot.size:
+        take = np.minimum(lens[request] - offset, num_steps - filled[slot])
+        within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+        rows = np.repeat(slot, take)
+        table[rows, np.repeat(filled[slot], take) + within] = (
+            np.repeat(starts[request] + offset, take) + within)
+        filled[slot] += take
+        slot = slot[filled[slot] < num_steps]
+        request = rng.integers(lens.size, size=slot.size)
+        offset = np.zeros(slot.size, dtype=np.int64)
+    return table.T.ravel()
+
+
+def _prefill_stream(lens: np.ndarray, starts: np.ndarray, total: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """int64 ``[total]`` trace indices of whole requests drawn uniformly with replacement,
+    one after another (the last cut short), and how many were drawn."""
+    expected = max(1, int(np.ceil(total / lens.mean())))
+    drawn = rng.integers(lens.size, size=expected)
+    while lens[drawn].sum() < total:
+        drawn = np.concatenate([drawn, rng.integers(lens.size, size=expected)])
+    used = int(np.searchsorted(np.cumsum(lens[drawn]), total)) + 1
+    drawn = drawn[:used]
+    take = lens[drawn]
+    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+    return (np.repeat(starts[drawn], take) + within)[:total], used
 
 
 def combine_gpu(gpu: np.ndarray, current: np.ndarray, num_gpus: int,

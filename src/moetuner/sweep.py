@@ -42,14 +42,16 @@ import numpy as np
 
 from moetuner.cluster import make_cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
+from moetuner.engine import EXEC_MODELS, REPLICA_POLICIES, EngineSettings, kernel_for
 from moetuner.errors import InputError
-from moetuner.evaluate import EXEC_MODELS, REPLICA_POLICIES, check_model, evaluate, model_for_trace
+from moetuner.evaluate import check_model, evaluate, model_for_trace
 from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import read_json, write_json, write_together
-from moetuner.methods import PlaceOptions, methods, place, uses_steps
+from moetuner.methods import PlaceOptions, methods, parse_params, place, uses_steps
 from moetuner.models import ModelSpec, get_model
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, sample_steps
+from moetuner.steps import StepPlan
 from moetuner.trace import Trace
 
 # Batching settings of the evaluator (``moetuner.steps``).
@@ -94,9 +96,12 @@ class EvalOptions:
     replica_policy: str = "even"
 
     def evaluate_kwargs(self, point: SweepPoint, coefficients: CostCoefficients) -> dict:
-        """Keyword arguments of ``moetuner.evaluate.evaluate`` for ``point``."""
-        return {"replica_policy": self.replica_policy, "coefficients": coefficients,
-                "batching": point.batching, "concurrency": point.concurrency}
+        """Keyword arguments of ``moetuner.evaluate.evaluate`` for ``point``: the phase's
+        kernel, and its steps (``SweepPoint.plan``)."""
+        plan = point.plan()
+        settings = EngineSettings(point.exec_model, self.replica_policy,
+                                  kernel_for(plan.phase))
+        return {"settings": settings, "coefficients": coefficients, "plan": plan}
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,11 @@ class SweepPoint:
         gpu: GPU preset.
         method: placement method.
         exec_model: execution model the method optimises and the replay uses.
-        batching: ``none`` (whole-trace average) or a per-step batching of the evaluator.
-        concurrency: running sequences of decode batching, or None.
+        batching: ``none`` (whole-trace average) or the phase (``decode``, ``prefill``)
+            whose steps are replayed: at serving scale, or in the recorded order with
+            ``concurrency``.
+        concurrency: running sequences of recorded decode steps (tokens per recorded
+            prefill step), or None for serving-scale steps.
     """
 
     gpus: int
@@ -121,6 +129,16 @@ class SweepPoint:
     exec_model: str
     batching: str = "decode"
     concurrency: int | None = None
+
+    def plan(self) -> StepPlan:
+        """How this point's evaluation forms its steps."""
+        if self.batching == "none":
+            return StepPlan(source="average")
+        if self.concurrency is None:
+            return StepPlan(phase=self.batching)
+        return StepPlan(phase=self.batching, source="recorded",
+                        concurrency=self.concurrency if self.batching == "decode" else None,
+                        step_tokens=self.concurrency if self.batching == "prefill" else None)
 
     def key(self, context: str) -> str:
         """File name stem: the parameters, then a hash of them and of ``context``."""
@@ -276,17 +294,20 @@ def run_point(task: PointTask) -> dict:
     profile, trace, model, coefficients = load_inputs(task.inputs)
     point, grid = task.point, task.grid
     cluster = make_cluster(point.gpus, point.nodes, point.gpu)
+    per_step = point.batching != "none" and uses_steps(point.method)
+    # Per-step objectives (joint) optimise the phase this point evaluates.
+    params = parse_params(point.method, {"phase": point.batching} if per_step else None)
     options = PlaceOptions(redundant=point.redundant, time_limit=grid.time_limit,
-                           seed=grid.seed, exec_model=point.exec_model)
-    if point.batching != "none" and uses_steps(point.method) and is_trace(task.inputs.profile):
+                           seed=grid.seed, exec_model=point.exec_model, params=params)
+    if per_step and is_trace(task.inputs.profile):
         # Per-step objectives (joint) place on steps formed as this point's evaluation forms
         # them.
         source = _trace(task.inputs.profile, task.inputs.profile_select,
                         task.inputs.profile_drop)
         profile = dataclasses.replace(profile, steps=sample_steps(
-            source, point.gpus, point.batching, point.concurrency))
+            source, point.gpus, point.plan()))
     placement, record = place(profile, cluster, point.method, options)
-    result, cost = evaluate(placement, trace, cluster, model, point.exec_model,
+    result, cost = evaluate(placement, trace, cluster, model,
                             **grid.evaluation.evaluate_kwargs(point, coefficients))
     metrics = {**result.summary(),
                "traffic_bytes": float(result.traffic.sum() * model.token_bytes),

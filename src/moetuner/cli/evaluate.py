@@ -11,7 +11,6 @@ from rich.table import Table
 
 from moetuner.cli import command, console
 from moetuner.cli.options import (
-    Batching,
     Calibration,
     Concurrency,
     Drop,
@@ -22,29 +21,36 @@ from moetuner.cli.options import (
     Interval,
     IntraBw,
     JsonFlag,
+    KernelFlag,
     ModelName,
     Nodes,
+    NumSteps,
     Online,
     OnlinePreset,
+    PhaseFlag,
     PlacementGpus,
     Placements,
+    ReplayFlag,
     ReplicaPolicy,
     Select,
+    StepSeed,
     StepTokens,
+    TokensPerGpu,
     Window,
     cluster_from_flags,
 )
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
+from moetuner.engine import EXEC_MODELS, EngineSettings, kernel_for
 from moetuner.errors import InputError
-from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
+from moetuner.evaluate import Replay, check_compatible, compare, model_for_trace
 from moetuner.export import read_megatron, read_sglang, read_vllm, read_vllm_ascend, sidecar_path
 from moetuner.inputs import read_trace
 from moetuner.io import MAX_PAIR_CELLS, read_json
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
 from moetuner.placement import Placement, is_placement_file, load_placement
-from moetuner.steps import BATCHINGS, Steps, make_steps
+from moetuner.steps import StepPlan, Steps
 from moetuner.trace import Trace
 
 
@@ -57,22 +63,44 @@ class EvaluationInputs:
     cluster: Cluster
     model: ModelSpec
     exec_models: tuple[str, ...]
-    replica_policy: str
+    settings: EngineSettings
     coefficients: CostCoefficients
-    batching: str
+    plan: StepPlan
     steps: Steps | None
     online: OnlinePolicy | None
 
+    @property
+    def replica_policy(self) -> str:
+        return self.settings.replica_policy
+
     def compare(self) -> tuple[list[dict], dict[tuple[str, str], Replay]]:
         return compare(self.placements, self.trace, self.cluster, self.model, self.exec_models,
-                       self.replica_policy, self.coefficients, self.steps, self.batching,
+                       self.settings, self.coefficients, self.steps, self.plan,
                        online=self.online)
 
     def describe_steps(self) -> str:
         if self.steps is None:
             return (f"whole-trace average, batch = "
                     f"{self.coefficients.tokens_per_gpu_batch:g} tokens per GPU")
-        return f"{self.steps.description} ({self.steps.num_steps} steps)"
+        if self.plan.source == "serving":
+            return self.steps.description
+        return f"recorded order: {self.steps.description} ({self.steps.num_steps} steps)"
+
+    def warnings(self) -> list[str]:
+        """What the user should know about this evaluation's regime."""
+        notes = []
+        if self.online is not None and self.steps is not None and (
+                self.online.interval >= self.steps.num_steps):
+            notes.append(f"the online interval ({self.online.interval} steps) is not shorter "
+                         f"than the {self.steps.num_steps} replayed steps: no rebalance "
+                         "happens (pass --interval, or more --steps)")
+        if self.steps is not None and self.plan.source == "recorded":
+            per_gpu = self.steps.sizes.mean() / self.cluster.num_gpus
+            if per_gpu < 64:
+                notes.append(f"recorded steps hold {per_gpu:.1f} tokens per GPU on average; "
+                             "serving clusters run 128-480 (decode) or 4,096+ (prefill): "
+                             "use --replay serving to predict at serving scale")
+        return notes
 
     def header(self) -> dict:
         online = None if self.online is None else {"name": self.online.name,
@@ -82,7 +110,9 @@ class EvaluationInputs:
                 "selection": self.trace.selection, "tokens": self.trace.num_tokens,
                 "topk_order": "ordered" if self.trace.ordered else "unordered",
                 "model": self.model.name, "cluster": self.cluster.to_dict(),
+                "phase": self.plan.phase, "kernel": self.settings.kernel,
                 "batching": self.describe_steps(), "online": online,
+                "warnings": self.warnings(),
                 "coefficients": self.coefficients.to_dict()}
 
 
@@ -112,17 +142,15 @@ def read_placement_file(path: Path, num_gpus: int | None) -> Placement:
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
                 drop: list[str] | None, model: str | None, gpus: int | None, nodes: int,
                 gpu: str, intra_bw: float | None, inter_bw: float | None, exec_model: str,
-                replica_policy: str, calibration: Path | None, batching: str = "decode",
-                concurrency: int | None = None, step_tokens: int | None = None,
-                online: str | None = None, online_preset: str = "vllm",
-                window: int | None = None, interval: int | None = None) -> EvaluationInputs:
+                replica_policy: str, calibration: Path | None, plan: StepPlan = StepPlan(),
+                kernel: str | None = None, online: str | None = None,
+                online_preset: str = "vllm", window: int | None = None,
+                interval: int | None = None) -> EvaluationInputs:
     """Read and check the flags shared by ``evaluate`` and ``report``."""
     exec_models = EXEC_MODELS if exec_model == "both" else (exec_model,)
     if not set(exec_models) <= set(EXEC_MODELS):
         raise InputError("--exec", "exec", "return, follow or both", repr(exec_model))
-    if batching not in BATCHINGS:
-        raise InputError("--batching", "batching", f"one of {', '.join(BATCHINGS)}",
-                         repr(batching))
+    settings = EngineSettings(exec_models[0], replica_policy, kernel_for(plan.phase, kernel))
     loaded = {}
     for path in placements:
         name = path.stem if path.stem not in loaded else str(path)
@@ -141,15 +169,14 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
                          cluster.num_gpus)
     for placement in loaded.values():
         check_compatible(placement, events, cluster)
-    steps = None if batching == "none" else make_steps(
-        events.seq_lens, events.num_tokens, cluster.num_gpus, batching, concurrency,
-        step_tokens)
+    # Drawn once: every placement is scored on the same steps.
+    steps = plan.steps(events.seq_lens, events.num_tokens, cluster.num_gpus)
     return EvaluationInputs(
         placements=loaded, trace=events, cluster=cluster,
         model=model_for_trace(events) if model is None else get_model(model),
-        exec_models=exec_models, replica_policy=replica_policy,
+        exec_models=exec_models, settings=settings,
         coefficients=CostCoefficients() if calibration is None else load_coefficients(calibration),
-        batching=batching, steps=steps,
+        plan=plan, steps=steps,
         online=None if online is None else online_policy(online, cluster, online_preset,
                                                           window, interval),
     )
@@ -157,28 +184,33 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
 
 def comparison_table(rows: list[dict]) -> Table:
     """The comparison as a rich table (one row per placement and execution model)."""
-    table = Table(title="MoE layers on the held-out trace")
+    table = Table(title="MoE layers per engine step")
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
     online = any("experts_moved" in row for row in rows)
-    for column in ("slots", "imbalance", "step imb.", "x-GPU", "x-node", "ms/step", "p99 ms",
-                   "tokens/s", "speedup") + (("moved", "move ms/step") if online else ()):
+    for column in ("slots", "step imb.", "remote nodes", "x-node", "ms/step", "p99 ms",
+                   "disp / comp / comb ms", "tokens/s", "speedup") + (
+                       ("moved", "move ms/step") if online else ()):
         table.add_column(column, justify="right")
     for row in rows:
         moves = ([str(row["experts_moved"]), f"{row['move_time_per_step_s'] * 1e3:.4f}"]
                  if "experts_moved" in row else ["", ""])
+        split = " / ".join(f"{row[name] / max(row['steps'], 1) * 1e3:.3f}"
+                           for name in ("dispatch_s", "compute_s", "combine_s"))
         table.add_row(row["placement"], row["exec_model"], str(row["slots_per_gpu"]),
-                      f"{row['imbalance']:.3f}", f"{row['step_imbalance']:.3f}",
-                      f"{row['share_cross_gpu']:.1%}", f"{row['share_cross_node']:.1%}",
+                      f"{row['step_imbalance']:.3f}", f"{row['remote_nodes_per_token']:.2f}",
+                      f"{row['share_cross_node']:.1%}",
                       f"{row['mean_step_time_s'] * 1e3:.3f}",
-                      f"{row['p99_step_time_s'] * 1e3:.3f}", f"{row['tokens_per_s']:.4g}",
+                      f"{row['p99_step_time_s'] * 1e3:.3f}", split,
+                      f"{row['tokens_per_s']:.4g}",
                       f"{row['speedup_vs_linear']:.3f}x", *(moves if online else []))
-    table.caption = ("imbalance: max/mean GPU load of the whole trace; step imb.: per step "
-                     "(sum of busiest / sum of mean GPU load); x-GPU, x-node: share of token "
-                     "moves leaving the GPU, the node; ms/step: predicted MoE layers per step, "
-                     "mean and p99; speedup: mean step time over linear's; moved, move "
-                     "ms/step: online rebalancing's expert moves and their time amortised "
-                     "per step")
+    table.caption = ("step imb.: per step, sum of busiest / sum of mean GPU load; remote "
+                     "nodes: distinct remote nodes a token reaches per layer; x-node: share "
+                     "of token moves leaving the node; ms/step: predicted MoE layers per "
+                     "step, mean and p99, split into dispatch, slowest GPU's compute and "
+                     "combine; speedup: linear's mean step time over this row's (online rows: "
+                     "plus their move time per step); moved, move ms/step: online "
+                     "rebalancing's expert moves and their time amortised per step")
     return table
 
 
@@ -197,7 +229,12 @@ def evaluate_command(
     exec_model: ExecModel = "both",
     replica_policy: ReplicaPolicy = "even",
     calibration: Calibration = None,
-    batching: Batching = "decode",
+    phase: PhaseFlag = "decode",
+    kernel: KernelFlag = None,
+    replay: ReplayFlag = "serving",
+    tokens_per_gpu: TokensPerGpu = None,
+    num_steps: NumSteps = None,
+    seed: StepSeed = 0,
     concurrency: Concurrency = None,
     step_tokens: StepTokens = None,
     online: Online = None,
@@ -206,11 +243,12 @@ def evaluate_command(
     interval: Interval = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compare placements on a held-out trace, engine step by engine step: balance, traffic,
-    predicted MoE time per step (and online rebalancing with --online)."""
+    """Compare placements on a held-out trace, engine step by engine step at serving scale:
+    balance, traffic, predicted MoE time per step (and online rebalancing with --online)."""
+    plan = StepPlan(phase, replay, tokens_per_gpu, num_steps, seed, concurrency, step_tokens)
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
-                         inter_bw, exec_model, replica_policy, calibration, batching,
-                         concurrency, step_tokens, online, online_preset, window, interval)
+                         inter_bw, exec_model, replica_policy, calibration, plan, kernel,
+                         online, online_preset, window, interval)
     rows, _ = inputs.compare()
     if as_json:
         print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
@@ -220,10 +258,13 @@ def evaluate_command(
     console.print(f"{inputs.trace.num_tokens} tokens of {inputs.trace.source} "
                   f"({inputs.trace.selection}); {inputs.model.name} on "
                   f"{inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} in "
-                  f"{inputs.cluster.num_nodes} node(s); replicas: {inputs.replica_policy}; "
+                  f"{inputs.cluster.num_nodes} node(s); {inputs.plan.phase} on "
+                  f"{inputs.settings.kernel} kernels; replicas: {inputs.replica_policy}; "
                   f"top-k {'ordered' if inputs.trace.ordered else 'unordered (no weights)'}; "
                   f"steps: {inputs.describe_steps()}"
                   + ("" if inputs.online is None else
                      f"; {inputs.online.name} every {inputs.online.interval} steps from the "
                      f"last {inputs.online.window}") + ".\n"
                   f"MoE times are {MODEL_NOTE}.")
+    for note in inputs.warnings():
+        console.print(f"warning: {note}", style="yellow", markup=False, highlight=False)

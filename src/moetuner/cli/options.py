@@ -131,13 +131,26 @@ Placements = Annotated[list[Path], typer.Argument(
 PlacementGpus = Annotated[int | None, typer.Option(
     "--gpus", help="expert-parallel GPUs (default: the placements')")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the numbers as JSON")]
-Batching = Annotated[str, typer.Option(
-    "--batching", help="engine steps: decode (continuous batching), prefill (chunks of "
-    "--step-tokens) or none (today's whole-trace average)")]
+PhaseFlag = Annotated[str, typer.Option(
+    "--phase", help="serving phase: decode (continuous batching; DeepEP low-latency kernels) "
+    "or prefill (chunks; DeepEP normal kernels)")]
+KernelFlag = Annotated[str | None, typer.Option(
+    "--kernel", help="all-to-all kernel: deepep-ll, deepep-normal or nccl (default: the "
+    "phase's)")]
+ReplayFlag = Annotated[str, typer.Option(
+    "--replay", help="engine steps: serving (synthesised at serving scale from the recorded "
+    "requests), recorded (the trace's own order) or average (the whole-trace average)")]
+TokensPerGpu = Annotated[int | None, typer.Option(
+    "--tokens-per-gpu", help="serving: tokens per GPU per step (default 128 decode, 4096 "
+    "prefill)")]
+NumSteps = Annotated[int | None, typer.Option(
+    "--steps", help="serving: steps drawn (default 64 decode, 16 prefill)")]
+StepSeed = Annotated[int, typer.Option("--seed", help="serving: seed of the steps' draw")]
 Concurrency = Annotated[int | None, typer.Option(
-    "--concurrency", help="decode: running sequences in the cluster (default 128 x G)")]
+    "--concurrency", help="recorded decode: running sequences in the cluster (default "
+    "128 x G)")]
 StepTokens = Annotated[int | None, typer.Option(
-    "--step-tokens", help="prefill: tokens per step (default 8192)")]
+    "--step-tokens", help="recorded prefill: tokens per step (default 8192)")]
 Online = Annotated[str | None, typer.Option(
     "--online", help="also replay each placement with online rebalancing by METHOD (e.g. "
     "eplb), as vLLM/SGLang --enable-eplb do")]

@@ -21,6 +21,7 @@ from moetuner.cli.options import (
     cluster_from_flags,
     profile_with_progress,
 )
+from moetuner.engine import EXEC_MODELS
 from moetuner.errors import InputError
 from moetuner.inputs import read_trace
 from moetuner.io import check_outputs
@@ -33,7 +34,6 @@ from moetuner.methods import (
     place,
     uses_steps,
 )
-from moetuner.methods._joint_objective import EXEC_MODELS
 from moetuner.placement import Placement
 from moetuner.profile import Profile, profiles_by_label
 
@@ -120,8 +120,7 @@ def place_command(
     cluster = cluster_from_flags(gpus, nodes, gpu, intra_bw, inter_bw)
     # Per-step objectives need engine steps sampled for this cluster (which reads each
     # trace whole); the other methods profile streamed traces.
-    steps = ({"step_gpus": gpus, "batching": params.get("batching", "decode"),
-              "concurrency": params.get("concurrency")} if uses_steps(method) else {})
+    steps = {"step_gpus": gpus, "plan": params.step_plan()} if uses_steps(method) else {}
     profiles = workload_profiles(sources, split_by, select, drop, **steps)
     if not profiles or not all(p.load.any() for p in profiles):
         raise InputError(", ".join(map(str, sources)), "tokens",

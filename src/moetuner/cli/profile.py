@@ -11,14 +11,20 @@ import typer
 
 from moetuner.cli import command, console
 from moetuner.cli.options import (
+    Concurrency,
     Drop,
+    PhaseFlag,
     RayAddress,
+    ReplayFlag,
     Select,
+    StepTokens,
+    TokensPerGpu,
     Workers,
     profile_paths_with_progress,
     profile_with_progress,
 )
 from moetuner.io import check_outputs
+from moetuner.steps import StepPlan
 
 
 @command("profile")
@@ -32,18 +38,23 @@ def profile_command(
     workers: Workers = 1,
     ray: RayAddress = None,
     step_gpus: Annotated[int | None, typer.Option(
-        "--step-gpus", help="also keep decode steps sampled for G GPUs (C = 128 x G running "
-        "sequences, or --concurrency), for joint's per-step objective (reads each trace "
-        "whole)")] = None,
-    concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", help="running sequences of the sampled decode steps")] = None,
+        "--step-gpus", help="also keep engine steps formed for G GPUs (by default decode "
+        "steps at serving scale, 128 tokens per GPU), for joint's per-step objective (reads "
+        "each trace whole)")] = None,
+    phase: PhaseFlag = "decode",
+    replay: ReplayFlag = "serving",
+    tokens_per_gpu: TokensPerGpu = None,
+    concurrency: Concurrency = None,
+    step_tokens: StepTokens = None,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
     check_outputs([output], traces)
     if step_gpus is None:
         profile = profile_paths_with_progress(traces, select, drop, workers, ray)
     else:
-        steps = {"step_gpus": step_gpus, "concurrency": concurrency}
+        steps = {"step_gpus": step_gpus,
+                 "plan": StepPlan(phase, replay, tokens_per_gpu, concurrency=concurrency,
+                                  step_tokens=step_tokens)}
         # Profile.__add__ keeps the sampled steps of every trace.
         profile = functools.reduce(operator.add, [
             profile_with_progress(str(trace), select, drop, **steps) for trace in traces])

@@ -10,7 +10,6 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.evaluate import read_inputs
 from moetuner.cli.options import (
-    Batching,
     Calibration,
     Concurrency,
     Drop,
@@ -20,21 +19,28 @@ from moetuner.cli.options import (
     InterBw,
     Interval,
     IntraBw,
+    KernelFlag,
     ModelName,
     Nodes,
+    NumSteps,
     Online,
     OnlinePreset,
+    PhaseFlag,
     PlacementGpus,
     Placements,
+    ReplayFlag,
     ReplicaPolicy,
     Select,
+    StepSeed,
     StepTokens,
+    TokensPerGpu,
     Window,
 )
 from moetuner.errors import InputError
 from moetuner.io import check_outputs
 from moetuner.profile import profile_trace
 from moetuner.report import FILES, write_report
+from moetuner.steps import StepPlan
 
 
 @command("report")
@@ -55,7 +61,12 @@ def report_command(
     exec_model: ExecModel = "both",
     replica_policy: ReplicaPolicy = "even",
     calibration: Calibration = None,
-    batching: Batching = "decode",
+    phase: PhaseFlag = "decode",
+    kernel: KernelFlag = None,
+    replay: ReplayFlag = "serving",
+    tokens_per_gpu: TokensPerGpu = None,
+    num_steps: NumSteps = None,
+    seed: StepSeed = 0,
     concurrency: Concurrency = None,
     step_tokens: StepTokens = None,
     online: Online = None,
@@ -69,8 +80,9 @@ def report_command(
     check_outputs([Path(output) / name for name in FILES],
                   [*placements, trace, *([calibration] if calibration else [])])
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
-                         inter_bw, exec_model, replica_policy, calibration, batching,
-                         concurrency, step_tokens, online, online_preset, window, interval)
+                         inter_bw, exec_model, replica_policy, calibration,
+                         StepPlan(phase, replay, tokens_per_gpu, num_steps, seed, concurrency,
+                                  step_tokens), kernel, online, online_preset, window, interval)
     if not 0 <= layer < inputs.trace.num_layers - 1:
         raise InputError("--layer", "layer",
                          f"a layer in [0, {inputs.trace.num_layers - 1}) (it has a next one)",

@@ -88,9 +88,9 @@ def params_class(method: str) -> type[MethodParams]:
 
 
 def uses_steps(method: str) -> bool:
-    """Whether ``method`` optimises per engine step (its settings name a ``batching``): its
-    profiles must carry sampled steps (``profile_trace(step_gpus=...)``)."""
-    return "batching" in {f.name for f in fields(params_class(method))}
+    """Whether ``method`` optimises per engine step (its settings have a ``step_plan()``):
+    its profiles must carry sampled steps (``profile_trace(step_gpus=...)``)."""
+    return hasattr(params_class(method), "step_plan")
 
 
 def parse_params(method: str, pairs: list[str] | dict | MethodParams | None) -> MethodParams:

@@ -39,11 +39,13 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import get_args
 
 import numpy as np
 
 from moetuner.cluster import Cluster
-from moetuner.costmodel import gpu_compute_time, load_coefficients
+from moetuner.costmodel import load_coefficients
+from moetuner.engine import EngineSettings, KernelName, Phase, ReplicaPolicy, kernel_for
 from moetuner.errors import InputError
 from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, Workload, methods, register
 from moetuner.methods._joint_objective import (
@@ -59,6 +61,7 @@ from moetuner.methods._joint_objective import (
 )
 from moetuner.placement import Placement
 from moetuner.profile import Profile
+from moetuner.steps import StepPlan
 
 WARM_STARTS = ("eplb_fixed", "linear", "round_robin", "moetuner")
 INSTANT = ("eplb_fixed", "linear", "round_robin")
@@ -88,18 +91,36 @@ class JointParams(MethodParams):
             the sampled steps) to at most 1 + this times the warm start's, so the per-step
             imbalance stays within that of the warm start's (EPLB's, usually).
         warm_start: comma-separated baselines to start from.
-        batching, concurrency: how steps are sampled when ``place`` profiles a trace
-            (decode at C running sequences, default 128 x G, or prefill chunks of C tokens).
+        phase: the phase whose steps are optimised (``decode`` or ``prefill``); with
+            ``kernel`` (default: the phase's, DeepEP low-latency for decode, normal for
+            prefill) and ``tokens_per_gpu`` (default 128 / 4,096) it fixes how ``place``
+            samples steps from a trace (``moetuner.steps.StepPlan``) and the kernel costed.
+        replay: ``serving`` (steps synthesised at serving scale from the profiled requests)
+            or ``recorded`` (steps of the recorded order, ``concurrency`` running sequences
+            in decode, default 128 x G, or prefill chunks of ``concurrency`` tokens).
     """
 
     model: str | None = None
     calibration: str | None = None
-    replica_policy: str = field(default="even", metadata={"choices": ("even", "nearest")})
+    replica_policy: str = field(default="even", metadata={"choices": get_args(ReplicaPolicy)})
     kicks: int = field(default=2, metadata={"min": 0})
     imbalance_slack: float = field(default=0.02, metadata={"min": 0.0})
     warm_start: str = ",".join(WARM_STARTS)
-    batching: str = field(default="decode", metadata={"choices": ("decode", "prefill")})
+    phase: str = field(default="decode", metadata={"choices": get_args(Phase)})
+    kernel: str | None = field(default=None, metadata={"choices": get_args(KernelName)})
+    tokens_per_gpu: int | None = field(default=None, metadata={"min": 1})
+    replay: str = field(default="serving", metadata={"choices": ("serving", "recorded")})
     concurrency: int | None = field(default=None, metadata={"min": 1})
+
+    def step_plan(self) -> StepPlan:
+        """How ``place`` samples this method's steps from a trace."""
+        recorded = self.replay == "recorded"
+        return StepPlan(phase=self.phase, source=self.replay,
+                        tokens_per_gpu=self.tokens_per_gpu,
+                        concurrency=self.concurrency if recorded and self.phase == "decode"
+                        else None,
+                        step_tokens=self.concurrency if recorded and self.phase == "prefill"
+                        else None)
 
 
 @register("joint", params=JointParams)
@@ -114,10 +135,11 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
     workload = options.workload or Workload((profile,))
     slots_per_gpu = options.slots_per_gpu(profile.num_experts, cluster.num_gpus)
     coefficients = None if params.calibration is None else load_coefficients(params.calibration)
+    settings = EngineSettings(options.exec_model, params.replica_policy,
+                              kernel_for(params.phase, params.kernel))
     problem = build_problem(list(workload.profiles), workload.weight_array(), cluster,
-                            slots_per_gpu, options.exec_model, workload.robust,
-                            model_for(profile, params.model), coefficients,
-                            params.replica_policy)
+                            slots_per_gpu, settings, workload.robust,
+                            model_for(profile, params.model), coefficients)
     names = tuple(name.strip() for name in params.warm_start.split(",") if name.strip())
     scores, eval_seconds = _warm_starts(profile, cluster, options, problem, names, start)
     deadline = start + options.time_limit - max(options.time_limit * END_MARGIN,
@@ -362,10 +384,11 @@ class LayerSearch:
             coact = np.bincount(pair, minlength=E * E).reshape(E, E).astype(np.float64)
             np.fill_diagonal(coact, 0.0)
             self.coact.append(coact * (2 / k) / sample.num_steps)
-        hw, c, m = problem.hw, problem.coefficients, problem.model
-        # Seconds per node message saved (dispatch and combine, averaged over the GPUs).
-        self.node_message = (2 * m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
-                             * (1 - 1 / problem.num_nodes) / G)
+        # Seconds per node message saved (dispatch and combine, averaged over the GPUs);
+        # only kernels that send one message per token and node save any.
+        per_message = sum(d[2] for d in problem.cost.message_seconds)
+        self.node_message = (0.0 if problem.settings.pair_messages
+                             else per_message * (1 - 1 / problem.num_nodes) / G)
         # [E, n] which sampled tokens chose each expert: the tokens a move re-counts.
         self.chooses = []
         for sample in problem.samples:
@@ -434,33 +457,30 @@ class LayerSearch:
         on_gpu[self.row, self.gpu] = True
         swap = np.zeros((P, P))
         move = np.zeros((P, E))
-        m, c, hw = p.model, p.coefficients, p.hw
+        compute = p.cost.compute
         onehot = np.eye(G)[self.gpu]                                          # [P, G]
         for q, weight in enumerate(p.weights):
             counts = self.counts[q]                                           # [S, E]
             work = counts[:, self.row] * share                                # [S, P]
             used = (work > 0).astype(np.float64)
             pairs, active = work @ onehot, used @ onehot                      # [S, G]
-            now = gpu_compute_time(pairs, active, m, hw, c)
+            now = compute(pairs, active)
             peak = now.max(axis=1)                                            # [S]
             rest = _max_excluding(now)                                        # [S, G, G]
             g = self.gpu
             dw = work[:, None, :] - work[:, :, None]                          # [S, s, t] w_t - w_s
             du = used[:, None, :] - used[:, :, None]
-            first = gpu_compute_time(pairs[:, g][:, :, None] + dw,
-                                     active[:, g][:, :, None] + du, m, hw, c)
-            second = gpu_compute_time(pairs[:, g][:, None, :] - dw,
-                                      active[:, g][:, None, :] - du, m, hw, c)
+            first = compute(pairs[:, g][:, :, None] + dw, active[:, g][:, :, None] + du)
+            second = compute(pairs[:, g][:, None, :] - dw, active[:, g][:, None, :] - du)
             after = np.maximum(rest[:, g][:, :, g], np.maximum(first, second))
             swap += weight * (after - peak[:, None, None]).mean(axis=0)
             swap -= weight * self._node_saving(q)
             if P > E:
                 # Slot s given to expert e: its GPU's work changes by e's share minus s's.
                 new_work = counts / (copies + 1)                               # [S, E]
-                gained = gpu_compute_time(
+                gained = compute(
                     pairs[:, g][:, :, None] - work[:, :, None] + new_work[:, None, :],
-                    active[:, g][:, :, None] - used[:, :, None]
-                    + (new_work > 0)[:, None, :], m, hw, c)
+                    active[:, g][:, :, None] - used[:, :, None] + (new_work > 0)[:, None, :])
                 rest_one = _max_excluding(now)[:, np.arange(G), np.arange(G)][:, g]
                 move += weight * (np.maximum(rest_one[:, :, None], gained)
                                   - peak[:, None, None]).mean(axis=0)
