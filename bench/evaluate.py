@@ -1,23 +1,26 @@
-"""Placements judged step by step on held-out GPT-OSS-20B routing, and the replay's speed
+"""Placements judged at serving scale on held-out GPT-OSS-20B routing, and the replay's speed
 and memory.
 
-Rerun: python bench/evaluate.py [TRACE.npz] [--time-limit S] [--replica-policy even|nearest]
+Rerun: python bench/evaluate.py [TRACE.npz] [--time-limit S] [--only methods|speed|memory]
 (default trace: ../shared/traces/gpt-oss-20b/decode.npz; sequences flagged seq_repetition
-are dropped). Two splits: profile on MMLU and evaluate on GPQA; profile on the first half of
-MMLU and evaluate on the second. 8 and 16 H100 GPUs on 2 nodes, R = 0 and R = G redundant
-slots, execution models return and follow. Methods: linear (the engines' default, R slots
-filled by p mod E as vLLM does), static eplb, online eplb starting from linear (vLLM's
-window 1000 / interval 3000 steps, and a short schedule scaled to the trace: interval S / 8,
-window a third of it), moetuner and joint (each optimised for the execution model it is
-evaluated under, ``--time-limit`` seconds). Steps: decode with C = 64 G, 128 G and 256 G
-running sequences, prefill chunks of 8192 tokens, and ``none`` (the whole-trace average).
-MoE times come from moetuner's cost model: a model, not a measurement.
+are dropped). Profile on MMLU, evaluate the GPQA part. Clusters: 8 H100 on 2 nodes and 16 on
+4, R = 0 and R = G redundant slots, execution model return (how engines run EP). Steps are
+synthesised at serving scale from the held-out requests (``moetuner.steps.serving_steps``,
+drawn once, seed 0): decode at 128 and 256 tokens per GPU on DeepEP low-latency kernels,
+prefill at 4,096 tokens per GPU on DeepEP normal kernels. Methods: linear (the engines'
+default), round_robin, static eplb, online eplb starting from linear (interval 16 steps,
+window 16: vLLM's 1000 / 3000 would never rebalance in 64 steps; its move time amortised per
+step is added), moetuner and joint (joint optimised per phase: ``--param phase=...``,
+``--time-limit`` seconds). Per row: mean and p99 ms per step, the dispatch / compute /
+combine split (ms per step), per-step imbalance (sum of busiest over sum of mean GPU load)
+and remote nodes a token reaches per layer. MoE times come from moetuner's cost model: a
+model, not a measurement.
 
-Replay speed: CPU seconds of one decode replay (C = 128 G) of the whole GPT-OSS trace.
-Memory: peak RSS (VmHWM, reset once the trace is built) of a fresh process replaying a
-SYNTHETIC trace made here with numpy (1,000,000 tokens, 58 layers, top-8 of 256 experts,
-DeepSeek-V3's shape; skewed expert popularity, no cross-layer structure) on 64 GPUs / 8
-nodes with eplb R = 64, decode C = 128 G.
+Replay speed: CPU seconds of serving-scale decode replays (128 tokens per GPU) of the
+GPT-OSS trace, in token-layers per CPU second (one core: the replay kernel is compiled and
+single-threaded). Memory: peak RSS of a fresh process replaying 256 serving-scale decode
+steps (128 tokens per GPU on 64 GPUs / 8 nodes) of a SYNTHETIC DeepSeek-V3-shaped trace
+made here with numpy (100,000 tokens in 500 requests, 58 layers, top-8 of 256 experts).
 """
 
 from __future__ import annotations
@@ -31,146 +34,145 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.cluster import make_cluster
-from moetuner.evaluate import EXEC_MODELS, evaluate, evaluate_online
-from moetuner.methods import PlaceOptions, methods, place
+from moetuner.engine import EngineSettings, kernel_for
+from moetuner.evaluate import evaluate, evaluate_online, replay_steps
+from moetuner.methods import PlaceOptions, methods, parse_params, place
 from moetuner.models import ModelSpec, get_model
-from moetuner.online import PRESETS, online_policy
+from moetuner.online import online_policy
 from moetuner.profile import Profile, profile_trace
-from moetuner.steps import make_steps
+from moetuner.steps import StepPlan, Steps
 from moetuner.trace import Trace, load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT.parent / "shared" / "traces" / "gpt-oss-20b" / "decode.npz"
-CONCURRENCY_PER_GPU = (64, 128, 256)
-SHORT_ONLINE = "online eplb (interval S/8)"
+# (label, phase, tokens per GPU) of every serving regime compared.
+REGIMES = (("decode 128", "decode", 128), ("decode 256", "decode", 256),
+           ("prefill 4096", "prefill", 4096))
+ONLINE = "online eplb (16/16)"
+STATIC = ("linear", "round_robin", "eplb", "moetuner", "joint")
 
 
-def batchings(num_gpus: int) -> list[tuple[str, str, int | None]]:
-    """(label, batching, concurrency) of every step formation compared."""
-    return ([(f"decode C={c}G", "decode", c * num_gpus) for c in CONCURRENCY_PER_GPU]
-            + [("prefill 8192", "prefill", None), ("none", "none", None)])
-
-
-def static_placements(train: Profile, cluster, redundant: int, exec_model: str,
-                      time_limit: float) -> dict[str, object]:
-    """The static placements of one configuration (moetuner and joint optimised for
-    ``exec_model``); methods that are not registered are left out."""
-    runs = {"linear": ("linear", {}), "eplb": ("eplb", {}), "moetuner": ("moetuner", {}),
-            "joint": ("joint", {})}
+def placements_for(train_trace: Trace, cluster, redundant: int, phase: str,
+                   time_limit: float) -> dict[str, object]:
+    """The static placements of one configuration; joint optimises ``phase``'s steps."""
+    train = profile_trace(train_trace)
     out = {}
-    for label, (method, params) in runs.items():
+    for method in STATIC:
         if method not in methods():
             continue
+        profile = train
+        params = None
+        if method == "joint":
+            params = parse_params("joint", {"phase": phase})
+            profile = profile_trace(train_trace, step_gpus=cluster.num_gpus,
+                                    plan=params.step_plan())
         options = PlaceOptions(redundant=redundant, time_limit=time_limit,
-                               exec_model=exec_model, params=params)
-        out[label] = place(train, cluster, method, options)[0]
+                               params=params or PlaceOptions().params)
+        out[method] = place(profile, cluster, method, options)[0]
     return out
 
 
-def step_table(test: Trace, cluster, model: ModelSpec, placements: dict, exec_model: str,
-               policy: str) -> dict[str, dict[str, tuple[float, float, float]]]:
-    """method -> batching -> (mean, p99 step seconds, amortised move seconds per step)."""
-    G = cluster.num_gpus
-    table: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for label, batching, concurrency in batchings(G):
-        steps = None if batching == "none" else make_steps(
-            test.seq_lens, test.num_tokens, G, batching, concurrency)
-        for name, placement in placements.items():
-            _, times = evaluate(placement, test, cluster, model, exec_model, policy,
-                                steps=steps, batching=batching)
-            table.setdefault(name, {})[label] = (times.mean_step_time,
-                                                 times.step_time_percentile(99), 0.0)
-        if steps is None:
-            for name in ("online eplb (vLLM)", SHORT_ONLINE):
-                table.setdefault(name, {})[label] = table["linear"][label]
-            continue
-        window, interval = PRESETS["vllm"]
-        short = max(steps.num_steps // 8, 1)
-        for name, (w, i) in (("online eplb (vLLM)", (window, interval)),
-                             (SHORT_ONLINE, (max(short // 3, 1), short))):
-            online = online_policy("eplb", cluster, window=w, interval=i)
-            _, times, moves = evaluate_online(placements["linear"], test, cluster, model,
-                                              online, steps, exec_model, policy)
-            table.setdefault(name, {})[label] = (
-                times.mean_step_time, times.step_time_percentile(99),
-                moves.summary()["move_time_per_step_s"])
+def row_of(times, result) -> dict[str, float]:
+    steps = max(times.num_steps, 1)
+    return {"mean": times.mean_step_time, "p99": times.step_time_percentile(99),
+            "dispatch": float(times.dispatch.sum()) / steps,
+            "compute": float(times.compute.sum()) / steps,
+            "combine": float(times.combine.sum()) / steps,
+            "imbalance": times.step_imbalance, "remote": result.remote_nodes_per_token,
+            "moves": 0.0}
+
+
+def regime_table(test: Trace, cluster, model: ModelSpec, placements: dict, steps: Steps,
+                 settings: EngineSettings) -> dict[str, dict[str, float]]:
+    """method -> figures of one regime (every placement on the same steps)."""
+    table = {}
+    for name, placement in placements.items():
+        result, times = evaluate(placement, test, cluster, model, settings, steps=steps)
+        table[name] = row_of(times, result)
+    online = online_policy("eplb", cluster, window=16, interval=16)
+    result, times, moves = evaluate_online(placements["linear"], test, cluster, model, online,
+                                           steps, settings)
+    table[ONLINE] = row_of(times, result) | {
+        "moves": moves.summary()["move_time_per_step_s"]}
     return table
 
 
-def print_table(table: dict, labels: list[str]) -> None:
-    print("| method | " + " | ".join(f"{label} mean / p99 ms" for label in labels) + " |")
-    print("|---|" + "---|" * len(labels))
-    for name, row in table.items():
-        cells = []
-        for label in labels:
-            mean, p99, move = row[label]
-            cells.append(f"{mean * 1e3:.3f} / {p99 * 1e3:.3f}"
-                         + (f" (+{move * 1e3:.3f} moves)" if move else ""))
-        print(f"| {name} | " + " | ".join(cells) + " |")
-
-
-def ranking(table: dict, label: str) -> list[str]:
-    """Methods by mean step time (moves included) under one batching, fastest first."""
-    return sorted(table, key=lambda name: table[name][label][0] + table[name][label][2])
+def print_table(table: dict, reference: str = "eplb") -> None:
+    base = table[reference]["mean"]
+    print("| method | ms/step (mean / p99) | vs eplb | dispatch / compute / combine ms | "
+          "step imb. | remote nodes |")
+    print("|---|---|---|---|---|---|")
+    for name, r in table.items():
+        moves = f" +{r['moves'] * 1e3:.3f} moves" if r["moves"] else ""
+        print(f"| {name} | {r['mean'] * 1e3:.3f} / {r['p99'] * 1e3:.3f}{moves} | "
+              f"{(r['mean'] + r['moves']) / base:.3f} | {r['dispatch'] * 1e3:.3f} / "
+              f"{r['compute'] * 1e3:.3f} / {r['combine'] * 1e3:.3f} | {r['imbalance']:.3f} | "
+              f"{r['remote']:.2f} |")
+    print()
 
 
 def compare_methods(trace: Trace, args: argparse.Namespace) -> None:
     model = get_model("gpt-oss-20b")
-    mmlu = trace.select(["seq_dataset=mmlu*"])
-    splits = {"MMLU -> GPQA": (mmlu, trace.select(["seq_dataset=gpqa*"])),
-              "MMLU half -> other half": mmlu.split(0.5)}
-    changes = []
-    for split, (train_trace, test) in splits.items():
-        train = profile_trace(train_trace)
-        for G in (8, 16):
-            cluster = make_cluster(G, 2, "h100")
-            labels = [label for label, *_ in batchings(G)]
-            for redundant in (0, G):
-                for exec_model in EXEC_MODELS:
-                    start = time.perf_counter()
-                    placements = static_placements(train, cluster, redundant, exec_model,
-                                                   args.time_limit)
-                    table = step_table(test, cluster, model, placements, exec_model,
-                                       args.replica_policy)
-                    print(f"### {split}: {G} x H100 on 2 nodes, R = {redundant}, "
-                          f"{exec_model}; profile {train.tokens} tokens, evaluate "
-                          f"{test.num_tokens} ({time.perf_counter() - start:.0f} s)\n")
-                    print_table(table, labels)
-                    per_step, averaged = ranking(table, labels[1]), ranking(table, "none")
-                    print(f"\nranking, none: {' < '.join(averaged)}\nranking, "
-                          f"{labels[1]}: {' < '.join(per_step)}\n")
-                    if per_step != averaged:
-                        changes.append(f"{split}, G={G}, R={redundant}, {exec_model}: none "
-                                       f"{averaged[:3]} -> per step {per_step[:3]}")
-    print("### where the ranking (fastest first) changes between none and decode C=128G\n")
-    print("\n".join(f"- {line}" for line in changes) or "- nowhere")
+    train, test = trace.select(["seq_dataset=mmlu*"]), trace.select(["seq_dataset=gpqa*"])
+    winners = []
+    for gpus, nodes in ((8, 2), (16, 4)):
+        cluster = make_cluster(gpus, nodes, "h100")
+        for redundant in (0, gpus):
+            by_phase = {}
+            for label, phase, per_gpu in REGIMES:
+                start = time.perf_counter()
+                if phase not in by_phase:
+                    by_phase[phase] = placements_for(train, cluster, redundant, phase,
+                                                     args.time_limit)
+                plan = StepPlan(phase=phase, tokens_per_gpu=per_gpu)
+                steps = plan.steps(test.seq_lens, test.num_tokens, gpus)
+                settings = EngineSettings(kernel=kernel_for(phase))
+                table = regime_table(test, cluster, model, by_phase[phase], steps, settings)
+                print(f"### {gpus} x H100 on {nodes} nodes, R = {redundant}, {label} "
+                      f"({settings.kernel}; {steps.description}; "
+                      f"{time.perf_counter() - start:.0f} s)\n")
+                print_table(table)
+                best = min(table, key=lambda n: table[n]["mean"] + table[n]["moves"])
+                gain = (table[best]["mean"] + table[best]["moves"]) / table["eplb"]["mean"]
+                winners.append(f"{gpus}/{nodes}, R = {redundant}, {label}: {best} "
+                               f"({gain:.3f}x eplb)")
+    print("### fastest per row (mean step time, moves included)\n")
+    print("\n".join(f"- {line}" for line in winners))
     print()
 
 
 def time_replay(path: Path) -> None:
-    """CPU seconds of one decode replay (C = 128 G) of the whole GPT-OSS trace."""
-    trace = load_trace(path)
+    """CPU seconds of serving-scale decode replays of the GPT-OSS trace."""
+    trace = load_trace(path, drop=["seq_repetition"])
     model = get_model("gpt-oss-20b")
-    cluster = make_cluster(8, 2, "h100")
-    placement = place(profile_trace(trace), cluster, "eplb", PlaceOptions(redundant=8))[0]
-    token_layers = trace.num_tokens * trace.num_layers
-    print(f"### replay speed: GPT-OSS-20B, all {trace.num_tokens} tokens x "
-          f"{trace.num_layers} layers, eplb R=8, 8 GPUs / 2 nodes, decode C=1024\n")
-    print("| exec | replicas | CPU s | wall s | M token-layers / CPU s |")
-    print("|---|---|---|---|---|")
-    for exec_model in EXEC_MODELS:
-        for policy in ("even", "nearest"):
-            cpu, wall = time.process_time(), time.perf_counter()
-            evaluate(placement, trace, cluster, model, exec_model, policy)
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            print(f"| {exec_model} | {policy} | {cpu:.2f} | {wall:.2f} | "
-                  f"{token_layers / cpu / 1e6:.2f} |")
+    print("### replay speed: GPT-OSS-20B, serving-scale decode, 128 tokens per GPU, 64 "
+          "steps, eplb R = G\n")
+    print("| GPUs / nodes | exec | replicas | kernel | token-layers | CPU s | "
+          "M token-layers / CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for gpus, nodes in ((8, 2), (16, 4), (64, 8)):
+        cluster = make_cluster(gpus, nodes, "h100")
+        placement = place(profile_trace(trace), cluster, "eplb",
+                          PlaceOptions(redundant=gpus))[0]
+        steps = StepPlan().steps(trace.seq_lens, trace.num_tokens, gpus)
+        token_layers = steps.num_tokens * trace.num_layers
+        for exec_model in ("return", "follow"):
+            for policy in ("even", "nearest"):
+                settings = EngineSettings(exec_model, policy, "deepep-ll")
+                replay_steps(placement, trace, cluster, model, steps.take([0]), settings)
+                cpu = time.process_time()
+                replay_steps(placement, trace, cluster, model, steps, settings)
+                cpu = time.process_time() - cpu
+                print(f"| {gpus} / {nodes} | {exec_model} | {policy} | deepep-ll | "
+                      f"{token_layers:,} | {cpu:.2f} | {token_layers / cpu / 1e6:.2f} |")
     print()
 
 
-def synthetic_trace(tokens: int, layers: int, experts: int, k: int, seed: int = 0) -> Trace:
+def synthetic_trace(tokens: int, layers: int, experts: int, k: int, requests: int,
+                    seed: int = 0) -> Trace:
     """SYNTHETIC: per layer a Zipf-skewed first expert a and an odd stride b; the k experts
-    a + j b (mod E), j < k, are distinct because b is odd and E a power of two."""
+    a + j b (mod E), j < k, are distinct because b is odd and E a power of two; ``requests``
+    sequences of equal length."""
     rng = np.random.default_rng(seed)
     ids = np.empty((tokens, layers, k), dtype=np.uint8)
     popularity = 1.0 / np.arange(1, experts + 1) ** 0.8
@@ -179,27 +181,30 @@ def synthetic_trace(tokens: int, layers: int, experts: int, k: int, seed: int = 
         first = rng.choice(experts, size=tokens, p=popularity / popularity.sum())
         stride = 2 * rng.integers(0, experts // 2, size=tokens) + 1
         ids[:, layer, :] = (first[:, None] + stride[:, None] * offsets) % experts
-    return Trace(topk_ids=ids, num_experts=experts, source="SYNTHETIC")
+    seq_lens = np.full(requests, tokens // requests, dtype=np.int64)
+    seq_lens[-1] += tokens - int(seq_lens.sum())
+    return Trace(topk_ids=ids, num_experts=experts, seq_lens=seq_lens, source="SYNTHETIC")
 
 
 def memory_child() -> None:
-    """In a fresh process: replay the SYNTHETIC 1M-token trace; print peak RSS."""
-    trace = synthetic_trace(1_000_000, 58, 256, 8)
-    # Building the trace (and Trace's validation) peaks above the replay: reset the peak.
-    Path("/proc/self/clear_refs").write_text("5")
-    built = _status_gib("VmRSS")
+    """In a fresh process: 256 serving-scale decode steps of a SYNTHETIC DeepSeek-V3-shaped
+    trace on 64 GPUs; print peak RSS."""
+    trace = synthetic_trace(100_000, 58, 256, 8, 500)
     model = get_model("deepseek-v3")
     cluster = make_cluster(64, 8, "h100")
     load = np.stack([np.bincount(trace.topk_ids[::10, layer].ravel(), minlength=256)
                      for layer in range(58)]).astype(np.float64)
     placement = place(Profile.from_load(load), cluster, "eplb", PlaceOptions(redundant=64))[0]
+    # Building the trace and the placement peaks on its own: reset the peak.
+    Path("/proc/self/clear_refs").write_text("5")
+    built = _status_gib("VmRSS")
+    plan = StepPlan(phase="decode", num_steps=256)
     cpu, wall = time.process_time(), time.perf_counter()
-    _, times = evaluate(placement, trace, cluster, model, "return")
+    _, times = evaluate(placement, trace, cluster, model, EngineSettings(), plan=plan)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     peak = _status_gib("VmHWM")
-    print(f"| SYNTHETIC 1,000,000 x 58 x 8 (uint8, {trace.topk_ids.nbytes / 2**30:.2f} GiB) "
-          f"| 64 / 8 | return, even | {times.num_steps} | {cpu:.1f} | {wall:.1f} | "
-          f"{built:.2f} | {peak:.2f} |")
+    print(f"| SYNTHETIC 100,000 x 58 x 8 | 64 / 8 | {times.num_steps} x "
+          f"{int(times.tokens[0]):,} | {cpu:.1f} | {wall:.1f} | {built:.2f} | {peak:.2f} |")
 
 
 def _status_gib(field: str) -> float:
@@ -211,11 +216,11 @@ def _status_gib(field: str) -> float:
 
 
 def measure_memory() -> None:
-    print("### memory: SYNTHETIC DeepSeek-V3-shaped trace, eplb R=64, decode C=8192 "
-          "(128 x 64), fresh process\n")
-    print("| trace | GPUs / nodes | exec, replicas | steps | CPU s | wall s | "
+    print("### memory: SYNTHETIC DeepSeek-V3-shaped trace, eplb R = 64, serving-scale decode "
+          "(128 tokens per GPU), return, even, deepep-ll, fresh process\n")
+    print("| trace | GPUs / nodes | steps x tokens | CPU s | wall s | "
           "RSS with the trace built GiB | peak RSS during the replay GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     sys.stdout.flush()
     subprocess.run([sys.executable, __file__, "--memory-child"], check=True)
     print()
@@ -226,7 +231,6 @@ def main() -> None:
     parser.add_argument("trace", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--time-limit", type=float, default=5.0,
                         help="seconds per solve for moetuner and joint")
-    parser.add_argument("--replica-policy", default="even", choices=("even", "nearest"))
     parser.add_argument("--only", choices=("methods", "speed", "memory"),
                         help="run one part only")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -237,10 +241,8 @@ def main() -> None:
     if args.only in (None, "methods"):
         trace = load_trace(args.trace, drop=["seq_repetition"])
         print(f"trace: {args.trace} ({trace.num_tokens} tokens after dropping repetitions); "
-              f"replicas: {args.replica_policy}; moetuner/joint time limit "
-              f"{args.time_limit:g} s\nMoE ms per step: predicted by moetuner's cost model "
-              "(a model, not a measurement); none = whole-trace average, one batch of 256 "
-              "tokens per GPU\n")
+              f"moetuner/joint time limit {args.time_limit:g} s\nMoE ms per step: "
+              "predicted by moetuner's cost model (a model, not a measurement)\n")
         compare_methods(trace, args)
     if args.only in (None, "speed"):
         time_replay(args.trace)

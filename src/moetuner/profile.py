@@ -62,6 +62,8 @@ _COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
 # the default number of sampled steps.
 STEP_ENTRIES = 1 << 25
 STEP_COUNT = 128
+# Request groups of the hedged steps (``request_groups``).
+REQUEST_GROUPS = 16
 _STEP_FIELDS = ("step_ids", "step_bounds", "step_slot", "step_token")
 
 
@@ -151,7 +153,8 @@ def sample_steps(trace: Trace, num_gpus: int, plan: StepPlan = StepPlan(),
         wanted = plan.num_steps or SERVING_STEPS[plan.phase]
         fits = max(1, STEP_ENTRIES // (width * per_token))
         picked = dataclasses.replace(plan, num_steps=min(wanted, fits)).steps(
-            trace.seq_lens, trace.num_tokens, num_gpus)
+            trace.seq_lens, trace.num_tokens, num_gpus,
+            None if plan.hedge is None else request_groups(trace, seed=plan.seed))
         concurrency = width
     elif plan.phase == "decode":
         concurrency = plan.concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus
@@ -169,6 +172,48 @@ def sample_steps(trace: Trace, num_gpus: int, plan: StepPlan = StepPlan(),
                       bounds=picked.bounds, slot=slot.astype(np.int64),
                       token=picked.keys.astype(np.int64), batching=plan.phase,
                       concurrency=int(concurrency), ordered=trace.ordered)
+
+
+def request_groups(trace: Trace, count: int = REQUEST_GROUPS, seed: int = 0,
+                   iterations: int = 25) -> np.ndarray:
+    """int64 ``[R]`` a group for each request of ``trace``: k-means (k-means++ start, seeded)
+    of the requests' routing signatures (each request's share of its token-expert pairs
+    per layer and expert, ``[L x E]``), so requests that route alike share a group. A trace
+    without ``seq_lens`` has one request per token."""
+    lens = (np.ones(trace.num_tokens, dtype=np.int64) if trace.seq_lens is None
+            else np.asarray(trace.seq_lens, dtype=np.int64))
+    R, L, E = lens.size, trace.num_layers, trace.num_experts
+    request = np.repeat(np.arange(R), lens)
+    signature = np.zeros((R, L * E), dtype=np.float32)
+    chunk = max(1, CHUNK_ELEMENTS // (L * trace.top_k))
+    for lo in range(0, trace.num_tokens, chunk):
+        ids = trace.topk_ids[lo:lo + chunk]
+        index = (np.arange(L)[None, :, None] * E + ids.astype(np.int64))       # [n, L, k]
+        rows = np.broadcast_to(request[lo:lo + ids.shape[0], None, None], index.shape)
+        np.add.at(signature, (rows.ravel(), index.ravel()), 1.0)
+    signature /= np.maximum(lens, 1)[:, None]
+    k = max(1, min(int(count), R))
+    rng = np.random.default_rng(seed)
+    norms = (signature ** 2).sum(axis=1)
+
+    def distances(centres: np.ndarray) -> np.ndarray:
+        return np.maximum(norms[:, None] - 2 * signature @ centres.T
+                          + (centres ** 2).sum(axis=1)[None, :], 0.0)
+
+    centres = signature[[int(rng.integers(R))]]
+    while centres.shape[0] < k:
+        nearest = distances(centres).min(axis=1)
+        if not nearest.sum():
+            break
+        centres = np.vstack([centres, signature[rng.choice(R, p=nearest / nearest.sum())]])
+    for _ in range(iterations):
+        label = distances(centres).argmin(axis=1)
+        moved = np.stack([signature[label == g].mean(axis=0) if (label == g).any()
+                          else centres[g] for g in range(centres.shape[0])])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return distances(centres).argmin(axis=1).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,12 @@ so by default steps are synthesised at serving scale from the recorded requests
 
 A request drawn twice is replayed twice; each replayed token has its own replica-choice key
 (its position in the steps).
+
+For optimisation, ``mixture_steps`` hedges against a served workload that differs from the
+profiled one: each step is drawn independently from its own mixture of the profiled
+request groups (``moetuner.profile.request_groups``), with weights drawn from a symmetric
+Dirichlet distribution, so the steps span the mixes of the kinds of requests the profile
+holds rather than its one average mix.
 """
 
 from __future__ import annotations
@@ -244,6 +250,9 @@ class StepPlan:
         seed: serving: the draw's seed.
         concurrency: recorded decode: running sequences (default 128 x G).
         step_tokens: recorded prefill: tokens per step (default ``DEFAULT_STEP_TOKENS``).
+        hedge: serving: the Dirichlet concentration of ``mixture_steps`` (each step from
+            its own mix of request groups), or None for the profiled mix
+            (``serving_steps``). Needs the requests' groups (``steps(groups=...)``).
     """
 
     phase: Phase = "decode"
@@ -253,9 +262,13 @@ class StepPlan:
     seed: int = 0
     concurrency: int | None = None
     step_tokens: int | None = None
+    hedge: float | None = None
 
     def __post_init__(self) -> None:
         checked(self.phase, Phase, "--phase", "phase")
+        if self.hedge is not None and not 0 < self.hedge < np.inf:
+            raise InputError("params", "hedge", "a positive Dirichlet concentration or None",
+                             self.hedge)
         checked(self.source, StepSource, "--replay", "replay")
         for flag, value in (("--tokens-per-gpu", self.tokens_per_gpu),
                             ("--steps", self.num_steps), ("--concurrency", self.concurrency),
@@ -263,18 +276,24 @@ class StepPlan:
             if value is not None:
                 _check_positive(flag, flag.lstrip("-").replace("-", "_"), value)
 
-    def steps(self, seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int
-              ) -> Steps | None:
+    def steps(self, seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int,
+              groups: np.ndarray | None = None) -> Steps | None:
         """The steps of a trace with ``seq_lens`` and ``num_tokens`` on G GPUs (None for the
-        whole-trace average)."""
+        whole-trace average); ``groups``: each request's group, for ``hedge``."""
         if self.source == "average":
             return None
         if self.source == "recorded":
             return make_steps(seq_lens, num_tokens, num_gpus, self.phase, self.concurrency,
                               self.step_tokens)
-        return serving_steps(seq_lens, num_tokens, num_gpus, self.phase,
-                             self.tokens_per_gpu or TOKENS_PER_GPU[self.phase],
-                             self.num_steps or SERVING_STEPS[self.phase], self.seed)
+        per_gpu = self.tokens_per_gpu or TOKENS_PER_GPU[self.phase]
+        count = self.num_steps or SERVING_STEPS[self.phase]
+        if self.hedge is not None:
+            if groups is None:
+                raise InputError("params", "hedge", "the requests' groups (hedged steps)")
+            return mixture_steps(seq_lens, num_tokens, num_gpus, self.phase, per_gpu, count,
+                                 groups, self.hedge, self.seed)
+        return serving_steps(seq_lens, num_tokens, num_gpus, self.phase, per_gpu, count,
+                             self.seed)
 
 
 def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, phase: str,
@@ -320,6 +339,59 @@ def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
                  f"requests, {num_steps} steps")
 
 
+def mixture_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, phase: str,
+                  tokens_per_gpu: int, num_steps: int, groups: np.ndarray, alpha: float,
+                  seed: int = 0) -> Steps:
+    """``num_steps`` independent steps of ``tokens_per_gpu x G`` tokens, step s served from
+    its own mixture of the request groups (module docstring).
+
+    Args:
+        seq_lens: int ``[R]`` tokens of each recorded request, or None (one token each).
+        num_tokens: T.
+        groups: int ``[R]`` group of each request, in ``[0, K)``.
+        alpha: the Dirichlet concentration (small: steps dominated by few groups).
+
+    Within a step, a group's requests are drawn uniformly (decode: in proportion to their
+    length, each slot at a random offset, as ``serving_steps`` starts a slot; prefill: whole
+    requests one after another, the last cut short).
+    """
+    checked(phase, Phase, "--phase", "phase")
+    lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
+            else np.asarray(seq_lens, dtype=np.int64))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.shape != lens.shape:
+        raise InputError("groups", "groups", f"one group per request ({lens.size})",
+                         list(groups.shape))
+    keep = lens > 0
+    lens, starts, groups = lens[keep], starts[keep], groups[keep]
+    size = np.bincount(groups, minlength=int(groups.max()) + 1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    width = tokens_per_gpu * num_gpus
+    order = np.empty(width * num_steps, dtype=np.int64)
+    # Centred on the profiled mix: group g's concentration is alpha x K x its share.
+    concentration = float(alpha) * size.size * size / size.sum()
+    for step in range(num_steps):
+        mix = rng.dirichlet(np.maximum(concentration, 1e-3))
+        chance = np.where(size[groups] > 0, mix[groups] / size[groups], 0.0)
+        if phase == "decode":
+            chance = chance * lens
+            request = rng.choice(lens.size, size=width, p=chance / chance.sum())
+            offset = (rng.random(width) * lens[request]).astype(np.int64)
+            tokens = starts[request] + offset
+        else:
+            tokens = _prefill_stream(lens, starts, width, rng, chance / chance.sum())[0]
+        order[step * width:(step + 1) * width] = tokens
+    bounds = np.arange(0, width * num_steps + 1, width, dtype=np.int64)
+    home = (np.tile(np.arange(width, dtype=np.int64) % num_gpus, num_steps)
+            if phase == "decode" else block_homes(bounds, num_gpus))
+    return Steps(order=order, bounds=bounds, home=home, num_gpus=num_gpus,
+                 key=np.arange(order.size, dtype=np.int64),
+                 description=f"{phase}: {width:,} tokens per step, each step from its own "
+                 f"mixture (Dirichlet {alpha:g}) of {size.size} request groups, {num_steps} "
+                 "steps")
+
+
 def _decode_stream(lens: np.ndarray, starts: np.ndarray, slots: int, num_steps: int,
                    rng: np.random.Generator) -> np.ndarray:
     """int64 ``[num_steps x slots]`` trace index of each slot's token in each step (step
@@ -344,13 +416,20 @@ def _decode_stream(lens: np.ndarray, starts: np.ndarray, slots: int, num_steps: 
 
 
 def _prefill_stream(lens: np.ndarray, starts: np.ndarray, total: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """int64 ``[total]`` trace indices of whole requests drawn uniformly with replacement,
-    one after another (the last cut short), and how many were drawn."""
+                    rng: np.random.Generator, chance: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, int]:
+    """int64 ``[total]`` trace indices of whole requests drawn with replacement (uniformly,
+    or with probabilities ``chance [R]``), one after another (the last cut short), and how
+    many were drawn."""
+    def draw(count: int) -> np.ndarray:
+        if chance is None:
+            return rng.integers(lens.size, size=count)
+        return rng.choice(lens.size, size=count, p=chance)
+
     expected = max(1, int(np.ceil(total / lens.mean())))
-    drawn = rng.integers(lens.size, size=expected)
+    drawn = draw(expected)
     while lens[drawn].sum() < total:
-        drawn = np.concatenate([drawn, rng.integers(lens.size, size=expected)])
+        drawn = np.concatenate([drawn, draw(expected)])
     used = int(np.searchsorted(np.cumsum(lens[drawn]), total)) + 1
     drawn = drawn[:used]
     take = lens[drawn]

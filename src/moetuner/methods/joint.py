@@ -48,6 +48,7 @@ from moetuner.costmodel import load_coefficients
 from moetuner.engine import EngineSettings, KernelName, Phase, ReplicaPolicy, kernel_for
 from moetuner.errors import InputError
 from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, Workload, methods, register
+from moetuner.methods._joint_balance import search_layer
 from moetuner.methods._joint_objective import (
     StepProblem,
     build_problem,
@@ -74,6 +75,8 @@ END_MARGIN = 0.05
 # Candidate moves re-costed exactly per descent move, and the move cap per slot and visit.
 VERIFY = 6
 MOVES_PER_SLOT = 2
+# Passes over all moves of one layer at most in the balance search.
+BALANCE_PASSES = 50
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,11 @@ class JointParams(MethodParams):
         replay: ``serving`` (steps synthesised at serving scale from the profiled requests)
             or ``recorded`` (steps of the recorded order, ``concurrency`` running sequences
             in decode, default 128 x G, or prefill chunks of ``concurrency`` tokens).
+        hedge: serving steps are each drawn from their own mix of the profiled request
+            groups, with Dirichlet(``hedge``) weights (``moetuner.steps.mixture_steps``): the
+            placement is chosen for the mixes of request kinds a cluster may serve, not for
+            the profile's one mix (which a served workload rarely repeats); None: steps of
+            the profiled mix.
     """
 
     model: str | None = None
@@ -111,12 +119,14 @@ class JointParams(MethodParams):
     tokens_per_gpu: int | None = field(default=None, metadata={"min": 1})
     replay: str = field(default="serving", metadata={"choices": ("serving", "recorded")})
     concurrency: int | None = field(default=None, metadata={"min": 1})
+    hedge: float | None = field(default=0.5, metadata={"min": 1e-3})
 
     def step_plan(self) -> StepPlan:
         """How ``place`` samples this method's steps from a trace."""
         recorded = self.replay == "recorded"
         return StepPlan(phase=self.phase, source=self.replay,
                         tokens_per_gpu=self.tokens_per_gpu,
+                        hedge=None if recorded else self.hedge,
                         concurrency=self.concurrency if recorded and self.phase == "decode"
                         else None,
                         step_tokens=self.concurrency if recorded and self.phase == "prefill"
@@ -160,15 +170,66 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         log.append(f"exact enumeration of {len(rows)} placements per layer")
         return phy2log, SolveRecord(method="joint", status="optimal", objective=best,
                                     bound=best, objective_name=name, log="; ".join(log))
-    phy2log, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
-                                             params.kicks, params.imbalance_slack)
-    value = objective(problem, phy2log)
-    if value > best:  # never worse than the warm start
-        phy2log, value = scores[best_name][0], best
+    if problem.exec_model == "return":
+        balanced, moves, converged = balance_search(problem, phy2log, options.redundant > 0,
+                                                    deadline)
+        value = objective(problem, balanced)
+        log.append(f"balance search: {moves} moves, {'converged' if converged else 'stopped'}"
+                   f", {1e6 * best:.6g} -> {1e6 * value:.6g} us")
+        if value < best:
+            phy2log, best = balanced, value
+    searched, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
+                                              params.kicks, params.imbalance_slack)
+    value = objective(problem, searched)
     log.append(f"local search: {moves} moves, from {1e6 * best:.6g} to {1e6 * value:.6g} us")
+    if value < best:  # never worse than where it started
+        phy2log, best = searched, value
+    value = best
     return phy2log, SolveRecord(method="joint", status="time_limit" if timed_out else
                                 "heuristic", objective=value, bound=min(bound, value),
                                 objective_name=name, log="; ".join(log))
+
+
+def balance_search(problem: StepProblem, phy2log: np.ndarray, replicas: bool,
+                   deadline: float) -> tuple[np.ndarray, int, bool]:
+    """Each layer's row improved for the per-step balance surrogate of ``_joint_balance``
+    on the sampled steps' expert counts (``return`` only: layers are independent there).
+
+    Returns the placement, the moves applied and whether every layer converged.
+    """
+    c = problem.cost
+    G, N = problem.num_gpus, problem.num_nodes
+    # Exchange seconds per pair a GPU receives (dispatch + combine), pair kernels only:
+    # a pair's home is on another node with probability 1 - 1/N, on another GPU of the
+    # expert's node with 1/N - 1/G.
+    x = 0.0 if not problem.settings.pair_messages else sum(
+        (1 - 1 / N) * inter + (1 / N - 1 / G) * intra
+        for _, intra, inter in c.message_seconds)
+    seconds = (c.pair_seconds, c.read_seconds, x)
+    E = problem.num_experts
+    out, moves, converged = phy2log.copy(), 0, True
+    for layer in range(problem.num_layers):
+        if time.perf_counter() >= deadline:
+            return out, moves, False
+        counts, weight, floor = [], [], []
+        for q, (sample, share) in enumerate(zip(problem.samples, problem.weights,
+                                                strict=True)):
+            index = sample.step_of[:, None] * E + sample.ids[:, layer, :].astype(np.int64)
+            counts.append(np.bincount(index.ravel(), minlength=sample.num_steps * E)
+                          .reshape(sample.num_steps, E))
+            weight.append(np.full(sample.num_steps, share / sample.num_steps))
+            # The senders' floor: each step's busiest sender under the starting placement.
+            messages = layer_counts(problem, q, layer, out[layer], problem.homes[q])[0].dispatch
+            floor.append(np.zeros(sample.num_steps) if x == 0 else sum(
+                (messages[0] * intra + messages[2] * inter).max(axis=1)
+                for _, intra, inter in c.message_seconds))
+        row, applied, done = search_layer(np.concatenate(counts), np.concatenate(weight),
+                                          np.concatenate(floor), out[layer], G, E, seconds,
+                                          BALANCE_PASSES, replicas)
+        out[layer] = _canonical(row, problem.slots_per_gpu)
+        moves += applied
+        converged &= done
+    return out, moves, converged
 
 
 def _objective_name(problem: StepProblem) -> str:
