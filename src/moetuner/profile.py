@@ -62,8 +62,11 @@ _COUNT_FIELDS = ("load", "transitions", "transitions_top1", "coactivation")
 # the default number of sampled steps.
 STEP_ENTRIES = 1 << 25
 STEP_COUNT = 128
-# Request groups of the hedged steps (``request_groups``).
+# Request groups of the hedged steps (``request_groups``), the layers of a request's
+# routing signature and the requests the groups' centres are fitted on at most.
 REQUEST_GROUPS = 16
+SIGNATURE_LAYERS = 8
+GROUP_FIT_REQUESTS = 4096
 _STEP_FIELDS = ("step_ids", "step_bounds", "step_slot", "step_token")
 
 
@@ -177,43 +180,58 @@ def sample_steps(trace: Trace, num_gpus: int, plan: StepPlan = StepPlan(),
 def request_groups(trace: Trace, count: int = REQUEST_GROUPS, seed: int = 0,
                    iterations: int = 25) -> np.ndarray:
     """int64 ``[R]`` a group for each request of ``trace``: k-means (k-means++ start, seeded)
-    of the requests' routing signatures (each request's share of its token-expert pairs
-    per layer and expert, ``[L x E]``), so requests that route alike share a group. A trace
-    without ``seq_lens`` has one request per token."""
+    of the requests' routing signatures, so requests that route alike share a group. A
+    signature is a request's share of its token-expert pairs per expert in up to
+    ``SIGNATURE_LAYERS`` evenly spaced layers; the centres are fitted on at most
+    ``GROUP_FIT_REQUESTS`` requests drawn at random, then every request joins its nearest.
+    A trace without ``seq_lens`` has one request per token."""
     lens = (np.ones(trace.num_tokens, dtype=np.int64) if trace.seq_lens is None
             else np.asarray(trace.seq_lens, dtype=np.int64))
-    R, L, E = lens.size, trace.num_layers, trace.num_experts
-    request = np.repeat(np.arange(R), lens)
-    signature = np.zeros((R, L * E), dtype=np.float32)
-    chunk = max(1, CHUNK_ELEMENTS // (L * trace.top_k))
-    for lo in range(0, trace.num_tokens, chunk):
-        ids = trace.topk_ids[lo:lo + chunk]
-        index = (np.arange(L)[None, :, None] * E + ids.astype(np.int64))       # [n, L, k]
-        rows = np.broadcast_to(request[lo:lo + ids.shape[0], None, None], index.shape)
-        np.add.at(signature, (rows.ravel(), index.ravel()), 1.0)
-    signature /= np.maximum(lens, 1)[:, None]
-    k = max(1, min(int(count), R))
+    R, E = lens.size, trace.num_experts
+    layers = np.unique(np.linspace(0, trace.num_layers - 1,
+                                   min(trace.num_layers, SIGNATURE_LAYERS)).astype(np.int64))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     rng = np.random.default_rng(seed)
-    norms = (signature ** 2).sum(axis=1)
 
-    def distances(centres: np.ndarray) -> np.ndarray:
-        return np.maximum(norms[:, None] - 2 * signature @ centres.T
+    def signatures(requests: np.ndarray) -> np.ndarray:
+        """float32 ``[n, layers x E]`` of the given requests."""
+        out = np.zeros((requests.size, layers.size * E), dtype=np.float32)
+        size = lens[requests]
+        tokens = np.repeat(starts[requests], size) + (
+            np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size))
+        row = np.repeat(np.arange(requests.size), size)
+        ids = trace.topk_ids[tokens][:, layers, :].astype(np.int64)           # [n, l, k]
+        index = row[:, None, None] * (layers.size * E) + np.arange(layers.size)[:, None] * E \
+            + ids
+        out.ravel()[:] = np.bincount(index.ravel(), minlength=out.size)
+        return out / np.maximum(size, 1)[:, None]
+
+    def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """``[n, K]`` squared distances."""
+        return np.maximum((points ** 2).sum(axis=1)[:, None] - 2 * points @ centres.T
                           + (centres ** 2).sum(axis=1)[None, :], 0.0)
 
-    centres = signature[[int(rng.integers(R))]]
-    while centres.shape[0] < k:
-        nearest = distances(centres).min(axis=1)
-        if not nearest.sum():
+    fit = np.sort(rng.choice(R, size=min(R, GROUP_FIT_REQUESTS), replace=False))
+    points = signatures(fit)
+    centres = points[[int(rng.integers(fit.size))]]
+    while centres.shape[0] < min(int(count), fit.size):
+        gap = nearest(points, centres).min(axis=1)
+        if not gap.sum():
             break
-        centres = np.vstack([centres, signature[rng.choice(R, p=nearest / nearest.sum())]])
+        centres = np.vstack([centres, points[rng.choice(fit.size, p=gap / gap.sum())]])
     for _ in range(iterations):
-        label = distances(centres).argmin(axis=1)
-        moved = np.stack([signature[label == g].mean(axis=0) if (label == g).any()
+        label = nearest(points, centres).argmin(axis=1)
+        moved = np.stack([points[label == g].mean(axis=0) if (label == g).any()
                           else centres[g] for g in range(centres.shape[0])])
         if np.allclose(moved, centres):
             break
         centres = moved
-    return distances(centres).argmin(axis=1).astype(np.int64)
+    groups = np.empty(R, dtype=np.int64)
+    step = max(1, GROUP_FIT_REQUESTS)
+    for lo in range(0, R, step):
+        requests = np.arange(lo, min(lo + step, R))
+        groups[requests] = nearest(signatures(requests), centres).argmin(axis=1)
+    return groups
 
 
 @dataclass(frozen=True)

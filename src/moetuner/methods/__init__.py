@@ -99,7 +99,7 @@ def parse_params(method: str, pairs: list[str] | dict | MethodParams | None) -> 
     Values are converted to the field's type once here; an unknown key, an unparsable
     value or one out of range raises ``InputError`` naming the param.
     """
-    cls = _PARAMS.get(method, MethodParams)
+    cls = params_class(method)
     if isinstance(pairs, MethodParams):
         return pairs
     known = {f.name: f for f in fields(cls)}
