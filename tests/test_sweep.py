@@ -13,12 +13,14 @@ from conftest import random_trace
 from moetuner import sweep
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
+from moetuner.engine import EngineSettings
 from moetuner.errors import InputError
 from moetuner.evaluate import evaluate
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, place
 from moetuner.models import get_model
 from moetuner.parallel import map_tasks
+from moetuner.steps import StepPlan
 from moetuner.sweep import (
     EvalOptions,
     SweepGrid,
@@ -116,7 +118,11 @@ def test_sweep_rows_equal_individual_place_and_evaluate(inputs, tmp_path):
         placement, _ = place(profile, cluster, row["method"],
                              PlaceOptions(redundant=row["redundant"], time_limit=5,
                                           exec_model=row["exec_model"]))
-        replayed, cost = evaluate(placement, trace, cluster, model, row["exec_model"])
+        # The default grid: decode steps at serving scale on DeepEP's low-latency kernels.
+        assert (row["batching"], row["concurrency"]) == ("decode", None)
+        replayed, cost = evaluate(placement, trace, cluster, model,
+                                  EngineSettings(row["exec_model"], "even", "deepep-ll"),
+                                  plan=StepPlan(phase="decode", source="serving"))
         for key, value in {**replayed.summary(), **cost.summary()}.items():
             if key == "batching":  # the row keeps the point's setting, the summary says more
                 assert value.startswith(row[key])
