@@ -13,6 +13,7 @@ from conftest import random_trace
 from moetuner import sweep
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
+from moetuner.costmodel import CostCoefficients
 from moetuner.engine import EngineSettings
 from moetuner.errors import InputError
 from moetuner.evaluate import evaluate
@@ -25,6 +26,7 @@ from moetuner.sweep import (
     EvalOptions,
     SweepGrid,
     SweepInputs,
+    SweepPoint,
     grid_points,
     pareto_front,
     recommend,
@@ -260,3 +262,19 @@ def test_a_killed_sweep_process_resumes(inputs, tmp_path):
     resumed = run_sweep(inputs, grid, out, workers=1)
     assert (resumed.reused, resumed.computed) == (len(written), len(resumed.rows) - len(written))
     assert all(path.read_bytes() == data for path, data in written.items())
+
+
+def test_sweep_points_plan_their_steps_and_kernel():
+    def point(batching, concurrency=None):
+        return SweepPoint(4, 2, 0, "h100", "linear", "follow", batching, concurrency)
+
+    assert point("none").plan() == StepPlan(source="average")
+    assert point("decode").plan() == StepPlan("decode", "serving")
+    assert point("prefill").plan() == StepPlan("prefill", "serving")
+    assert point("decode", 64).plan() == StepPlan("decode", "recorded", concurrency=64)
+    assert point("prefill", 1024).plan() == StepPlan("prefill", "recorded", step_tokens=1024)
+    coefficients = CostCoefficients()
+    for batching, kernel in (("decode", "deepep-ll"), ("prefill", "deepep-normal")):
+        kwargs = EvalOptions("nearest").evaluate_kwargs(point(batching), coefficients)
+        assert kwargs == {"settings": EngineSettings("follow", "nearest", kernel),
+                          "coefficients": coefficients, "plan": point(batching).plan()}
