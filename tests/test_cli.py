@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from conftest import SLICE
 from moetuner.cli import run
@@ -111,3 +112,13 @@ def test_evaluate_bad_phase_kernel_and_sizes_exit_2_naming_the_flag(tmp_path, ca
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0], (flags, captured.err)
         assert not captured.out
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "src bug: serving_steps allocates N x G x steps tokens unchecked; a huge --tokens-per-gpu "
+    "or --steps raises numpy's ValueError (a crash) instead of exiting 2"))
+@pytest.mark.parametrize("flag", ["--tokens-per-gpu", "--steps"])
+def test_evaluate_huge_step_sizes_exit_2(tmp_path, capsys, flag):
+    base = _evaluate_setup(tmp_path)
+    assert run([*base, flag, "99999999999999999999"]) == 2
+    assert flag in capsys.readouterr().err

@@ -289,6 +289,30 @@ def test_params_parse_to_typed_settings():
     assert (joint.kicks, joint.concurrency, joint.model) == (3, 256, "gpt-oss-20b")
 
 
+def test_joint_params_plan_the_phase_kernel_and_steps():
+    params = parse_params("joint", ["phase=prefill", "kernel=nccl", "tokens_per_gpu=64",
+                                    "replay=recorded", "concurrency=512"])
+    assert (params.phase, params.kernel, params.tokens_per_gpu) == ("prefill", "nccl", 64)
+    assert params.step_plan() == StepPlan("prefill", "recorded", 64, step_tokens=512)
+    assert parse_params("joint", []).step_plan() == StepPlan("decode", "serving")
+    assert parse_params("joint", ["concurrency=8"]).step_plan() == StepPlan()
+    for pair, field in (("phase=x", "phase"), ("kernel=y", "kernel"),
+                        ("tokens_per_gpu=0", "tokens_per_gpu"), ("replay=average", "replay"),
+                        ("batching=decode", "batching")):
+        with pytest.raises(InputError, match=field):
+            parse_params("joint", [pair])
+
+
+def test_cli_place_joint_on_prefill_steps(tmp_path):
+    out = tmp_path / "joint.json"
+    assert run(["place", str(SLICE), "--gpus", "4", "--nodes", "2", "--method", "joint",
+                "--exec", "return", "--param", "phase=prefill", "--param",
+                "tokens_per_gpu=16", "--param", "warm_start=linear", "--time-limit", "2",
+                "-o", str(out)]) == 0
+    options = load_placement(out).metadata["options"]
+    assert options["params"]["phase"] == "prefill"
+
+
 def test_bad_seed_is_an_input_error():
     with pytest.raises(InputError, match="seed"):
         place(stepped_profile(1, 4, 2, 2), make_cluster(2), "linear", PlaceOptions(seed=-1))
