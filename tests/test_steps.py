@@ -298,3 +298,20 @@ def test_bad_plans_name_their_flag():
             StepPlan(**kwargs)
     with pytest.raises(InputError, match="request"):
         serving_steps(np.array([0, 0]), 0, 2, "decode", 1, 1)
+
+
+def test_even_replicas_are_not_chosen_by_the_home_gpu_in_serving_decode():
+    # Every token picks expert 0, which has a replica on each of the 2 GPUs. Under ``even``
+    # a token's replica must not follow from its home: both GPUs send tokens to the other's
+    # replica, and the two replicas share the load exactly (keys are a permutation).
+    trace = Trace(topk_ids=np.zeros((500, 1, 1), dtype=np.int64), num_experts=2,
+                  seq_lens=np.full(50, 10))
+    placement = Placement(np.array([[0, 1, 0, 1]]), 2, 2)
+    for phase in ("decode", "prefill"):
+        steps = StepPlan(phase, tokens_per_gpu=8, num_steps=4).steps(trace.seq_lens, 500, 2)
+        for g in range(2):
+            assert set((steps.keys[steps.home == g] % 2).tolist()) == {0, 1}
+        r = replay(placement, trace, make_cluster(2, 1), EngineSettings("return", "even"),
+                   steps=steps)
+        assert r.load.tolist() == [[32, 32]]
+        assert r.dispatch.tokens[0, 0, 1] > 0 and r.dispatch.tokens[0, 1, 0] > 0
