@@ -283,7 +283,13 @@ def test_collect_flags_and_outputs_are_checked_before_the_model_loads(tmp_path, 
 @pytest.mark.parametrize("text, field", [
     ('{"compute_efficiency": true}', "compute_efficiency"),
     ('{"tokens_per_gpu_batch": "128"}', "tokens_per_gpu_batch"),
-    ('{"inter_latency": NaN}', "file"),
+    ('{"memory_efficiency": NaN}', "NaN is not a JSON number"),
+    # Latencies are per kernel and direction now: the old global ones are unknown keys.
+    ('{"inter_latency": 1e-5}', "inter_latency"),
+    ('{"kernels": {"nccl": {"dispatch": {"latency": -1}}}}', "kernels.nccl.dispatch.latency"),
+    ('{"kernels": {"nccl": {"dispatch": {"intra_efficiency": 0}}}}', "intra_efficiency"),
+    ('{"kernels": {"nccl": {"both": {}}}}', "kernels.nccl"),
+    ('{"kernels": {"gloo": {}}}', "gloo"),
     ('[1, 2]', "keys"),
 ])
 def test_bad_calibration_files(tmp_path, text, field):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from conftest import SLICE
 from moetuner.cli import run
@@ -52,3 +53,72 @@ def test_info_reads_a_loads_json_as_a_profile(tmp_path, capsys):
     loads.write_text("[[3, 1, 2, 2], [1, 1, 1, 5]]")
     assert run(["info", str(loads)]) == 0
     assert "2 layers x 4 experts" in capsys.readouterr().out
+
+
+def _evaluate_setup(tmp_path):
+    from moetuner.cluster import make_cluster
+    from moetuner.methods import place
+    from moetuner.profile import profile_trace
+
+    trace = load_trace(SLICE)
+    path = tmp_path / "eplb.json"
+    place(profile_trace(trace), make_cluster(2), "eplb_fixed")[0].save(path)
+    return ["evaluate", str(path), "--trace", str(SLICE), "--exec", "return"]
+
+
+def test_evaluate_phases_kernels_and_replays_say_their_regime(tmp_path, capsys):
+    import json
+    import re
+
+    base = _evaluate_setup(tmp_path)
+    requests = len(load_trace(SLICE).seq_lens)
+
+    def evaluated(*flags):
+        assert run([*base, *flags, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    prefill = evaluated("--phase", "prefill", "--steps", "2")
+    assert (prefill["phase"], prefill["kernel"]) == ("prefill", "deepep-normal")
+    assert re.fullmatch(rf"prefill: 8,192 tokens per step \([\d,]+ requests drawn\), "
+                        rf"resampled from {requests:,} recorded requests, 2 steps",
+                        prefill["batching"]), prefill["batching"]
+    assert {(r["phase"], r["kernel"], r["steps"]) for r in prefill["rows"]} == {
+        ("prefill", "deepep-normal", 2)}
+    nccl = evaluated("--kernel", "nccl", "--tokens-per-gpu", "16", "--steps", "3")
+    assert (nccl["phase"], nccl["kernel"]) == ("decode", "nccl")
+    assert nccl["batching"] == (f"decode: 32 running sequences per step, resampled from "
+                                f"{requests:,} recorded requests, 3 steps")
+    assert {r["kernel"] for r in nccl["rows"]} == {"nccl"}
+    recorded = evaluated("--replay", "recorded")
+    assert recorded["batching"].startswith("recorded order: decode, 256 running sequences")
+    assert any("--replay serving" in note for note in recorded["warnings"])
+    average = evaluated("--replay", "average")
+    assert average["batching"].startswith("whole-trace average")
+    assert {r["steps"] for r in average["rows"]} == {1}
+    # The text output names the phase, kernel and steps too.
+    assert run([*base, "--phase", "prefill", "--kernel", "nccl", "--steps", "1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "prefill on nccl kernels" in text
+    assert "steps: prefill: 8,192 tokens per step" in text
+
+
+def test_evaluate_bad_phase_kernel_and_sizes_exit_2_naming_the_flag(tmp_path, capsys):
+    base = _evaluate_setup(tmp_path)
+    for flags, flag in ((["--phase", "x"], "--phase"), (["--kernel", "y"], "--kernel"),
+                        (["--tokens-per-gpu", "0"], "--tokens-per-gpu"),
+                        (["--replay", "z"], "--replay"), (["--steps", "0"], "--steps")):
+        assert run([*base, *flags]) == 2, flags
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0], (flags, captured.err)
+        assert not captured.out
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "src bug: serving_steps allocates N x G x steps tokens unchecked; a huge --tokens-per-gpu "
+    "or --steps raises numpy's ValueError (a crash) instead of exiting 2"))
+@pytest.mark.parametrize("flag", ["--tokens-per-gpu", "--steps"])
+def test_evaluate_huge_step_sizes_exit_2(tmp_path, capsys, flag):
+    base = _evaluate_setup(tmp_path)
+    assert run([*base, flag, "99999999999999999999"]) == 2
+    assert flag in capsys.readouterr().err

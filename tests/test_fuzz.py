@@ -106,7 +106,8 @@ def _formats() -> dict[str, tuple[str, object]]:
         "loads_csv": ("loads.csv", "3,1,2,2\n1,1,1,5\n0,4,2,2\n"),
         "loads_npy": ("loads.npy", profile_trace(TRACE).load.astype(np.float64)),
         "calibration": ("calib.json", {"tokens_per_gpu_batch": 128,
-                                       "compute_efficiency": 0.45, "inter_latency": 2e-05}),
+                                       "compute_efficiency": 0.45, "kernels": {
+                                           "deepep-ll": {"dispatch": {"latency": 2e-05}}}}),
         "sglang_json": ("sglang.json", {"physical_to_logical_map": PLACEMENT.phy2log.tolist()}),
         "vllm_json": ("vllm.json", PLACEMENT.phy2log.tolist()),
         "vllm_ascend": ("ascend.json", {"moe_layer_count": L, "layer_list": [

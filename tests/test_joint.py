@@ -19,6 +19,7 @@ from moetuner import (
 )
 from moetuner.cli import run
 from moetuner.costmodel import CostCoefficients
+from moetuner.engine import KERNELS, EngineSettings
 from moetuner.methods import Workload, parse_params
 from moetuner.methods._joint_objective import (
     build_problem,
@@ -31,6 +32,7 @@ from moetuner.methods._joint_objective import (
 from moetuner.methods.joint import LayerSearch, enumerate_rows, peak_loads
 from moetuner.models import get_model
 from moetuner.profile import load_profile, profiles_by_label, sample_steps
+from moetuner.steps import StepPlan
 
 # The instant baselines: ``moetuner`` as a warm start is cut by a wall-clock share.
 INSTANT = "eplb_fixed,linear,round_robin"
@@ -48,26 +50,33 @@ def stepped_profile(layers, experts, k, gpus, tokens=400, seed=0, sequences=12):
     weights = np.take_along_axis(scores, ids, axis=2)
     trace = Trace(topk_ids=ids, num_experts=experts, seq_lens=seq_lens, topk_weights=weights)
     assert trace.ordered
-    return profile_trace(trace, step_gpus=gpus, concurrency=4 * gpus)
+    return profile_trace(trace, step_gpus=gpus,
+                         plan=StepPlan(source="recorded", concurrency=4 * gpus))
 
 
-def problem_for(profile, cluster, redundant, exec_model, policy="even"):
+def problem_for(profile, cluster, redundant, exec_model, policy="even", kernel="deepep-ll"):
     slots = (profile.num_experts + redundant) // cluster.num_gpus
-    return build_problem([profile], np.ones(1), cluster, slots, exec_model, "mean",
-                         get_model("olmoe-1b-7b"), replica_policy=policy)
+    return build_problem([profile], np.ones(1), cluster, slots,
+                         EngineSettings(exec_model, policy, kernel), "mean",
+                         get_model("olmoe-1b-7b"))
 
 
-def reference_step_costs(problem, phy2log):
+def reference_step_costs(problem, phy2log, cluster):
     """``[L, S]`` the per-step cost, token by token with Python loops (the semantics of
-    ``_joint_objective``'s docstring, written independently)."""
+    ``moetuner.engine`` and ``costmodel``'s docstrings, written independently)."""
     sample, home = problem.samples[0], problem.homes[0]
     G, N, spg = problem.num_gpus, problem.num_nodes, problem.slots_per_gpu
+    kernel = problem.settings.kernel
     per_node = G // N
-    m, c, hw = problem.model, problem.coefficients, problem.hw
+    m, c = problem.model, problem.cost.coefficients
+    hw = c.resolved(cluster)
+    constants = c.kernel(kernel)
     pair_s = 2 * m.expert_params / (hw["peak_flops"] * c.compute_efficiency)
     read_s = m.expert_weight_bytes / (hw["memory_bandwidth"] * c.memory_efficiency)
-    intra_s = m.token_bytes / (hw["intra_bandwidth"] * c.network_efficiency)
-    inter_s = m.token_bytes / (hw["inter_bandwidth"] * c.network_efficiency)
+    # Message bytes: DeepEP dispatches FP8 (with a 4-byte scale per 128 values), else BF16.
+    fp8 = m.hidden_size + 4 * -(-m.hidden_size // 128)
+    size = {"dispatch": fp8 if kernel.startswith("deepep") else 2 * m.hidden_size,
+            "combine": 2 * m.hidden_size}
     L = problem.num_layers
     out = np.zeros((L, sample.num_steps))
     for s in range(sample.num_steps):
@@ -95,11 +104,20 @@ def reference_step_costs(problem, phy2log):
                               sum(1 for x in used if x // spg == g) * read_s)
                           for g in range(G))
 
-            def exchange(centres, tokens=tokens, sets=sets):
+            def exchange(centres, direction, tokens=tokens, sets=sets):
                 sent, recv = [0] * G, [0] * G
                 nsent, nrecv = [0] * G, [0] * G
                 for t in tokens:
                     c0 = centres[t]
+                    if kernel in ("deepep-ll", "nccl"):     # one message per pair
+                        for g in sets[t]:
+                            if g != c0 and g // per_node == c0 // per_node:
+                                sent[c0] += 1
+                                recv[g] += 1
+                            elif g != c0:
+                                nsent[c0] += 1
+                                nrecv[g] += 1
+                        continue
                     for g in set(sets[t]) - {c0}:
                         if g // per_node == c0 // per_node:
                             sent[c0] += 1
@@ -107,18 +125,19 @@ def reference_step_costs(problem, phy2log):
                     for v in {g // per_node for g in sets[t]} - {c0 // per_node}:
                         nsent[c0] += 1
                         nrecv[v * per_node + c0 % per_node] += 1
+                k = constants[direction]
+                intra_s = size[direction] / (hw["intra_bandwidth"] * k["intra_efficiency"])
+                inter_s = size[direction] / (hw["inter_bandwidth"] * k["inter_efficiency"])
                 busy = [max(sent[g], recv[g]) * intra_s + max(nsent[g], nrecv[g]) * inter_s
                         for g in range(G)]
-                latency = (hw["inter_latency"] if any(nsent) else
-                           hw["intra_latency"] if any(sent) else 0.0)
-                return max(busy) + latency
+                return max(busy) + (k["latency"] if G > 1 else 0.0)
 
-            dispatch = exchange(where)
+            dispatch = exchange(where, "dispatch")
             if problem.exec_model == "return":
-                combine = dispatch
+                combine = exchange(where, "combine")
             else:
                 where = {t: sets[t][0] for t in tokens}  # ordered: the primary's GPU
-                combine = exchange(where)
+                combine = exchange(where, "combine")
             out[layer, s] = dispatch + compute + combine
     return out
 
@@ -127,15 +146,18 @@ def reference_step_costs(problem, phy2log):
 @pytest.mark.parametrize(("gpus", "nodes", "redundant", "policy"), [
     (2, 1, 0, "even"), (4, 2, 0, "even"), (4, 2, 4, "even"), (4, 2, 4, "nearest"),
     (4, 2, 8, "nearest")])
-def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redundant, policy):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_step_costs_match_a_per_token_reference(exec_model, gpus, nodes, redundant, policy,
+                                                kernel):
     profile = stepped_profile(2, 8, 2, gpus, tokens=120)
     cluster = make_cluster(gpus, nodes)
-    problem = problem_for(profile, cluster, redundant, exec_model, policy)
+    problem = problem_for(profile, cluster, redundant, exec_model, policy, kernel)
     options = PlaceOptions(redundant=redundant, exec_model=exec_model)
     for method in ("linear", "eplb_fixed", "round_robin"):
         phy2log = place(profile, cluster, method, options)[0].phy2log
-        assert np.allclose(step_costs(problem, phy2log, 0),
-                           reference_step_costs(problem, phy2log), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(step_costs(problem, phy2log, 0),
+                                   reference_step_costs(problem, phy2log, cluster),
+                                   rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("exec_model", ["return", "follow"])
@@ -166,9 +188,8 @@ def test_bound_holds_and_joint_never_worse_than_its_warm_start(seed, exec_model)
                            params={"warm_start": INSTANT, "kicks": 1})
     placement, record = place(profile, cluster, "joint", options)
     assert placement.replicas_on_gpu.max() == 1
-    problem = problem_for(profile, cluster, 4, exec_model)
-    problem = build_problem([profile], np.ones(1), cluster, 3, exec_model, "mean",
-                            model_for(profile))
+    problem = build_problem([profile], np.ones(1), cluster, 3, EngineSettings(exec_model),
+                            "mean", model_for(profile))
     value = objective(problem, placement.phy2log)
     assert value == pytest.approx(record.objective)
     assert lower_bound(problem, 4) <= value + 1e-15
@@ -183,8 +204,8 @@ def test_tiny_instances_reach_the_brute_force_optimum(exec_model, layers):
     cluster = make_cluster(2, 2)
     placement, record = place(profile, cluster, "joint", PlaceOptions(
         exec_model=exec_model, time_limit=5, params={"warm_start": INSTANT}))
-    problem = build_problem([profile], np.ones(1), cluster, 2, exec_model, "mean",
-                            model_for(profile))
+    problem = build_problem([profile], np.ones(1), cluster, 2, EngineSettings(exec_model),
+                            "mean", model_for(profile))
     rows = enumerate_rows(4, 2, 2)
     best = min(objective(problem, rows[list(choice)])
                for choice in itertools.product(range(len(rows)), repeat=layers))
@@ -203,10 +224,13 @@ def test_affine_experts_share_a_node_but_not_a_gpu():
                     rng.integers(0, 4, steps * per_step))[:, None]
     ids = np.stack([2 * pair, 2 * pair + 1], axis=2)                # [T, 1, 2]
     trace = Trace(topk_ids=ids, num_experts=8)
-    profile = profile_trace(trace, step_gpus=4, concurrency=per_step)
+    profile = profile_trace(trace, step_gpus=4,
+                            plan=StepPlan(source="recorded", concurrency=per_step))
     cluster = make_cluster(4, 2)
+    # DeepEP normal (one message per token and node) is the kernel that rewards a node.
     options = PlaceOptions(exec_model="return", time_limit=10,
-                           params={"warm_start": "linear", "model": "qwen3-30b-a3b"})
+                           params={"warm_start": "linear", "model": "qwen3-30b-a3b",
+                                   "kernel": "deepep-normal"})
     placement, _ = place(profile, cluster, "joint", options)
     gpu = np.empty(8, dtype=int)
     gpu[placement.phy2log[0]] = np.arange(8) // 2
@@ -236,9 +260,8 @@ def test_replica_counts_are_chosen_not_copied():
                            params={"warm_start": "eplb_fixed"})
     placement, record = place(profile, cluster, "joint", options)
     warm = place(profile, cluster, "eplb_fixed", PlaceOptions(redundant=4))[0]
-    problem = problem_for(profile, cluster, 4, "return")
-    problem = build_problem([profile], np.ones(1), cluster, 3, "return", "mean",
-                            model_for(profile))
+    problem = build_problem([profile], np.ones(1), cluster, 3, EngineSettings("return"),
+                            "mean", model_for(profile))
     assert record.objective <= objective(problem, warm.phy2log)
     assert placement.replicas_on_gpu.max() == 1
 
@@ -264,6 +287,30 @@ def test_params_parse_to_typed_settings():
     assert parse_params("eplb", []).num_groups is None
     joint = parse_params("joint", ["kicks=3", "concurrency=256", "model=gpt-oss-20b"])
     assert (joint.kicks, joint.concurrency, joint.model) == (3, 256, "gpt-oss-20b")
+
+
+def test_joint_params_plan_the_phase_kernel_and_steps():
+    params = parse_params("joint", ["phase=prefill", "kernel=nccl", "tokens_per_gpu=64",
+                                    "replay=recorded", "concurrency=512"])
+    assert (params.phase, params.kernel, params.tokens_per_gpu) == ("prefill", "nccl", 64)
+    assert params.step_plan() == StepPlan("prefill", "recorded", 64, step_tokens=512)
+    assert parse_params("joint", []).step_plan() == StepPlan("decode", "serving")
+    assert parse_params("joint", ["concurrency=8"]).step_plan() == StepPlan()
+    for pair, field in (("phase=x", "phase"), ("kernel=y", "kernel"),
+                        ("tokens_per_gpu=0", "tokens_per_gpu"), ("replay=average", "replay"),
+                        ("batching=decode", "batching")):
+        with pytest.raises(InputError, match=field):
+            parse_params("joint", [pair])
+
+
+def test_cli_place_joint_on_prefill_steps(tmp_path):
+    out = tmp_path / "joint.json"
+    assert run(["place", str(SLICE), "--gpus", "4", "--nodes", "2", "--method", "joint",
+                "--exec", "return", "--param", "phase=prefill", "--param",
+                "tokens_per_gpu=16", "--param", "warm_start=linear", "--time-limit", "2",
+                "-o", str(out)]) == 0
+    options = load_placement(out).metadata["options"]
+    assert options["params"]["phase"] == "prefill"
 
 
 def test_bad_seed_is_an_input_error():
@@ -305,7 +352,8 @@ def test_sampled_steps_round_trip_and_add(tmp_path):
 def test_sampled_decode_steps_hold_one_token_per_running_sequence():
     rng = np.random.default_rng(1)
     trace = random_trace(rng, 300, 2, 8, 2, sequences=20)
-    sample = sample_steps(trace, 2, concurrency=6, count=10_000)
+    sample = sample_steps(trace, 2, StepPlan(source="recorded", concurrency=6),
+                          count=10_000)
     assert sample.num_tokens == 300
     sizes = np.diff(sample.bounds)
     assert sizes.max() <= 6
@@ -385,8 +433,8 @@ def test_cli_place_joint_bad_input_exits_2(tmp_path):
 
 def test_cli_profile_keeps_sampled_steps(tmp_path):
     out = tmp_path / "p.npz"
-    assert run(["profile", str(SLICE), "--step-gpus", "2", "--concurrency", "16",
-                "-o", str(out)]) == 0
+    assert run(["profile", str(SLICE), "--step-gpus", "2", "--replay", "recorded",
+                "--concurrency", "16", "-o", str(out)]) == 0
     steps = load_profile(out).steps
     assert steps is not None and steps.concurrency == 16
     assert np.diff(steps.bounds).max() <= 16
@@ -401,7 +449,8 @@ def test_robust_max_minimises_the_worst_workload():
                            workload=Workload((a, b), robust="max"),
                            params={"warm_start": INSTANT, "kicks": 1})
     placement, record = place(a + b, cluster, "joint", options)
-    problem = build_problem([a, b], np.ones(2), cluster, 2, "follow", "max", model_for(a))
+    problem = build_problem([a, b], np.ones(2), cluster, 2, EngineSettings("follow"), "max",
+                            model_for(a))
     value = objective(problem, placement.phy2log)
     assert value == pytest.approx(record.objective)
     assert value == pytest.approx(max(step_costs(problem, placement.phy2log, q).sum(axis=0)

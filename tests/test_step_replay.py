@@ -5,18 +5,20 @@ online replay against static replay, move costs by hand and the CLI."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_evaluate import random_placement
+from test_evaluate import kernel_messages, random_placement
 
 from conftest import SLICE
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
-from moetuner.costmodel import CostCoefficients, exchange_time, gpu_compute_time
+from moetuner.costmodel import CostCoefficients
+from moetuner.engine import KERNELS, EngineSettings
 from moetuner.errors import InputError
 from moetuner.evaluate import compare, evaluate, evaluate_online, replay, replay_steps
 from moetuner.export import to_megatron, to_vllm, write_engine_files
@@ -25,12 +27,20 @@ from moetuner.models import ModelSpec
 from moetuner.online import OnlinePolicy, move_cost, online_policy, window_load
 from moetuner.placement import Placement
 from moetuner.profile import profile_trace
-from moetuner.steps import make_steps
+from moetuner.steps import StepPlan, make_steps, serving_steps
 from moetuner.trace import Trace, load_trace, sort_by_weight
 
-# Slow memory and fast FLOPs would hide the pair counts; these make both terms matter.
+# Slow memory and fast FLOPs would hide the pair counts; these make both terms matter. Each
+# kernel and direction gets its own latency and efficiencies, so a mix-up shows.
+KERNEL_CONSTANTS = {
+    kernel: {"dispatch": {"latency": 1e-3 * (i + 1), "intra_efficiency": 0.9 - 0.1 * i,
+                          "inter_efficiency": 0.7 - 0.1 * i},
+             "combine": {"latency": 2e-3 * (i + 1), "intra_efficiency": 0.8 - 0.1 * i,
+                         "inter_efficiency": 0.5 - 0.1 * i}}
+    for i, kernel in enumerate(KERNELS)}
 COEFFICIENTS = CostCoefficients(peak_flops=1e6, memory_bandwidth=5e5, intra_bandwidth=1e4,
-                                inter_bandwidth=2e3, intra_latency=1e-3, inter_latency=3e-3)
+                                inter_bandwidth=2e3, kernels=KERNEL_CONSTANTS)
+AVERAGE = StepPlan(source="average")
 
 
 def toy_model(trace: Trace) -> ModelSpec:
@@ -38,57 +48,78 @@ def toy_model(trace: Trace) -> ModelSpec:
                      hidden_size=8, expert_intermediate_size=4)
 
 
-def reference_step_times(placement, trace, cluster, steps, exec_model, policy, model, c):
+def reference_exchange(msgs, kernel, direction, model, hw, c):
+    """Seconds of one exchange from ``msgs [4, G]`` (intra sent, received, inter sent,
+    received): the kernel's latency (G > 1) + the slowest GPU's max(sent, received) x
+    message bytes over bandwidth x efficiency, inside and across nodes."""
+    if kernel.startswith("deepep") and direction == "dispatch":
+        size = model.hidden_size + 4 * math.ceil(model.hidden_size / 128)   # FP8 + scales
+    else:
+        size = 2 * model.hidden_size                                        # BF16
+    k = c.kernels[kernel][direction]
+    busy = (np.maximum(msgs[0], msgs[1]) * size / (hw["intra_bandwidth"]
+                                                   * k["intra_efficiency"])
+            + np.maximum(msgs[2], msgs[3]) * size / (hw["inter_bandwidth"]
+                                                     * k["inter_efficiency"]))
+    return busy.max() + (k["latency"] if msgs.shape[1] > 1 else 0.0)
+
+
+def reference_step_times(placement, trace, cluster, steps, settings, model, c):
     """Per-token, per-step transcription of the step replay: ``[5, S, L]`` dispatch,
-    compute, combine seconds, busiest and mean GPU load."""
+    compute, combine seconds, busiest and mean GPU load. Replayed tokens are positions in
+    the steps (a trace token may be replayed more than once), each with its key."""
+    exec_model, policy, kernel = settings.exec_model, settings.replica_policy, settings.kernel
     G, S, P = placement.num_gpus, placement.slots_per_gpu, placement.num_slots
     per_node, L = cluster.gpus_per_node, trace.num_layers
     hw = c.resolved(cluster)
+    pair_s = 2 * 3 * model.hidden_size * model.expert_intermediate_size / (
+        hw["peak_flops"] * c.compute_efficiency)
+    read_s = model.expert_weight_bytes / (hw["memory_bandwidth"] * c.memory_efficiency)
     out = np.zeros((5, steps.num_steps, L))
     for s in range(steps.num_steps):
         lo, hi = steps.bounds[s], steps.bounds[s + 1]
-        here = dict(zip(steps.order[lo:hi].tolist(), steps.home[lo:hi].tolist(), strict=True))
+        here = {i: int(steps.home[i]) for i in range(lo, hi)}
         for layer in range(L):
             pairs, used = np.zeros(G), set()
             msgs = {"dispatch": np.zeros((4, G)), "combine": np.zeros((4, G))}
-            for t in here:
+            for i in here:
+                t, key = steps.order[i], steps.keys[i]
                 gpus = []
                 for e in trace.topk_ids[t, layer]:
                     slots = [p for p in range(P) if placement.phy2log[layer, p] == e]
                     if policy == "nearest":
-                        tiers = [[p for p in slots if p // S == here[t]],
+                        tiers = [[p for p in slots if p // S == here[i]],
                                  [p for p in slots
-                                  if p // S // per_node == here[t] // per_node], slots]
+                                  if p // S // per_node == here[i] // per_node], slots]
                         slots = next(tier for tier in tiers if tier)
-                    used.add(slots[t % len(slots)])
-                    gpus.append(slots[t % len(slots)] // S)
+                    used.add(slots[key % len(slots)])
+                    gpus.append(slots[key % len(slots)] // S)
                 for g in gpus:
                     pairs[g] += 1
                 if exec_model == "return":
-                    centre = here[t]
+                    centre = here[i]
                 elif trace.ordered:
                     centre = gpus[0]
                 else:
                     counts = Counter(gpus)
                     tied = [g for g in range(G) if counts[g] == max(counts.values())]
-                    centre = here[t] if here[t] in tied else min(tied)
-                for which, src in (("dispatch", here[t]), ("combine", centre)):
+                    centre = here[i] if here[i] in tied else min(tied)
+                for which, src in (("dispatch", here[i]), ("combine", centre)):
                     m = msgs[which]
                     back = which == "combine"   # results flow from the experts to src
-                    for g in set(gpus) - {src}:
-                        if g // per_node == src // per_node:
-                            m[0, g if back else src] += 1
-                            m[1, src if back else g] += 1
-                    for n in {g // per_node for g in gpus} - {src // per_node}:
-                        relay = n * per_node + src % per_node
-                        m[2, relay if back else src] += 1
-                        m[3, src if back else relay] += 1
+                    for kind, sender, receiver in kernel_messages(kernel, src, gpus, per_node):
+                        if back:
+                            sender, receiver = receiver, sender
+                        m[2 * kind, sender] += 1
+                        m[2 * kind + 1, receiver] += 1
                 if exec_model == "follow":
-                    here[t] = centre
+                    here[i] = centre
             active = np.bincount([p // S for p in used], minlength=G)
-            out[0, s, layer] = exchange_time(*msgs["dispatch"], hw, c, model.token_bytes)
-            out[1, s, layer] = gpu_compute_time(pairs, active, model, hw, c).max()
-            out[2, s, layer] = exchange_time(*msgs["combine"], hw, c, model.token_bytes)
+            out[0, s, layer] = reference_exchange(msgs["dispatch"], kernel, "dispatch", model,
+                                                  hw, c)
+            out[1, s, layer] = np.maximum(pairs * pair_s, active * read_s).max()
+            out[2, s, layer] = reference_exchange(msgs["combine"], kernel, "combine", model,
+                                                  hw, c)
             out[3, s, layer], out[4, s, layer] = pairs.max(), pairs.mean()
     return out
 
@@ -110,31 +141,39 @@ def step_instances(draw, ordered=None):
     trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
                   seq_lens=seq_lens)
     placement = random_placement(draw, num_layers, num_experts, num_gpus, slots, True)
-    if draw(st.booleans()):
+    source = draw(st.sampled_from(["decode", "prefill", "serving"]))
+    if source == "decode":
         steps = make_steps(seq_lens, tokens, num_gpus, "decode",
                            concurrency=draw(st.integers(1, 6)))
-    else:
+    elif source == "prefill":
         steps = make_steps(seq_lens, tokens, num_gpus, "prefill",
                            step_tokens=draw(st.integers(1, 6)))
+    else:   # serving scale: requests drawn with replacement, tokens replayed repeatedly
+        steps = serving_steps(seq_lens, tokens, num_gpus, draw(st.sampled_from(
+            ["decode", "prefill"])), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
+            draw(st.integers(0, 100)))
     return placement, trace, make_cluster(num_gpus, num_nodes), steps
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(step_instances(), st.sampled_from(["return", "follow"]),
-       st.sampled_from(["even", "nearest"]))
-def test_step_replay_matches_per_token_reference(instance, exec_model, policy):
+       st.sampled_from(["even", "nearest"]), st.sampled_from(KERNELS))
+def test_step_replay_matches_per_token_reference(instance, exec_model, policy, kernel):
     placement, trace, cluster, steps = instance
     model = toy_model(trace)
-    result, times = replay_steps(placement, trace, cluster, model, steps, exec_model, policy,
+    engine = EngineSettings(exec_model, policy, kernel)
+    result, times = replay_steps(placement, trace, cluster, model, steps, engine,
                                  COEFFICIENTS)
-    want = reference_step_times(placement, trace, cluster, steps, exec_model, policy, model,
+    want = reference_step_times(placement, trace, cluster, steps, engine, model,
                                 COEFFICIENTS)
     got = np.stack([times.dispatch, times.compute, times.combine, times.peak_load,
                     times.mean_load])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     np.testing.assert_array_equal(times.tokens, steps.sizes)
+    if steps.key is not None:
+        return      # replayed tokens repeat: no one-batch replay of the trace equals them
     # Totals: the same tokens with the steps' homes, replayed as one batch.
-    whole = replay(placement, trace, cluster, exec_model, policy,
+    whole = replay(placement, trace, cluster, engine,
                    home=steps.home[np.argsort(steps.order)])
     np.testing.assert_array_equal(result.load, whole.load)
     np.testing.assert_array_equal(result.traffic, whole.traffic)
@@ -144,19 +183,19 @@ def test_step_replay_matches_per_token_reference(instance, exec_model, policy):
 
 @settings(max_examples=40, deadline=None)
 @given(step_instances(ordered=False), st.sampled_from(["return", "follow"]),
-       st.sampled_from(["even", "nearest"]), st.integers(0, 2**32 - 1))
+       st.sampled_from(["even", "nearest"]), st.sampled_from(KERNELS),
+       st.integers(0, 2**32 - 1))
 def test_permuting_columns_of_a_weightless_trace_changes_no_metric(instance, exec_model,
-                                                                    policy, seed):
+                                                                    policy, kernel, seed):
     placement, trace, cluster, steps = instance
     rng = np.random.default_rng(seed)
     order = np.argsort(rng.random(trace.topk_ids.shape), axis=2)
     shuffled = Trace(topk_ids=np.take_along_axis(trace.topk_ids, order, axis=2),
                      num_experts=trace.num_experts, seq_lens=trace.seq_lens)
     model = toy_model(trace)
-    a, ta = replay_steps(placement, trace, cluster, model, steps, exec_model, policy,
-                         COEFFICIENTS)
-    b, tb = replay_steps(placement, shuffled, cluster, model, steps, exec_model, policy,
-                         COEFFICIENTS)
+    engine = EngineSettings(exec_model, policy, kernel)
+    a, ta = replay_steps(placement, trace, cluster, model, steps, engine, COEFFICIENTS)
+    b, tb = replay_steps(placement, shuffled, cluster, model, steps, engine, COEFFICIENTS)
     assert a.summary() == b.summary() and ta.summary() == tb.summary()
     np.testing.assert_array_equal(a.traffic, b.traffic)
 
@@ -180,7 +219,7 @@ def test_unordered_follow_combines_where_most_experts_are():
     # [2, 0, 3]: GPU 1 holds two, so it combines there whatever the column order.
     placement = Placement(np.array([[0, 1, 2, 3]]), 2, 4)
     trace = Trace(topk_ids=np.array([[[2, 0, 3]]]), num_experts=4)
-    result = replay(placement, trace, make_cluster(2, 1), "follow")
+    result = replay(placement, trace, make_cluster(2, 1), EngineSettings("follow"))
     assert result.dispatch.tokens[0].tolist() == [[0, 1], [0, 0]]
     assert result.combine.tokens[0].tolist() == [[0, 1], [0, 0]]
 
@@ -193,10 +232,10 @@ def test_batching_none_is_the_whole_trace_average():
     model = toy_model(trace)
     cluster = make_cluster(4, 2)
     rows, _ = compare({"p": placement}, trace, cluster, model, ("return", "follow"),
-                      coefficients=COEFFICIENTS, batching="none")
+                      coefficients=COEFFICIENTS, plan=AVERAGE)
     for row in rows:
-        result, times = evaluate(placement, trace, cluster, model, row["exec_model"],
-                                 coefficients=COEFFICIENTS, batching="none")
+        result, times = evaluate(placement, trace, cluster, model,
+                                 EngineSettings(row["exec_model"]), COEFFICIENTS, plan=AVERAGE)
         assert times.num_steps == 1 and row["steps"] == 1
         assert row["mean_step_time_s"] == row["p99_step_time_s"] == times.total
         assert row["step_imbalance"] == pytest.approx(1 / result.balancedness)
@@ -217,9 +256,9 @@ def test_online_with_an_interval_longer_than_the_trace_is_the_static_replay(exec
     policy = OnlinePolicy(lambda load, old: old[:, ::-1], window=2,
                           interval=steps.num_steps)
     result, times, moves = evaluate_online(placement, trace, cluster, model, policy, steps,
-                                           exec_model, coefficients=COEFFICIENTS)
-    static, static_times = evaluate(placement, trace, cluster, model, exec_model,
-                                    coefficients=COEFFICIENTS, steps=steps)
+                                           EngineSettings(exec_model), COEFFICIENTS)
+    static, static_times = evaluate(placement, trace, cluster, model,
+                                    EngineSettings(exec_model), COEFFICIENTS, steps=steps)
     assert result.summary() == static.summary()
     np.testing.assert_array_equal(times.step_time, static_times.step_time)
     assert moves.summary()["rebalances"] == 0 and moves.bytes_moved == 0
@@ -236,7 +275,7 @@ def test_online_switches_maps_every_interval_and_counts_moves():
 
     policy = OnlinePolicy(swap_gpus, window=3, interval=5)
     result, times, moves = evaluate_online(placement, trace, cluster, model, policy, steps,
-                                           "return", coefficients=COEFFICIENTS)
+                                           EngineSettings("return"), COEFFICIENTS)
     assert steps.num_steps == 15 and moves.at_step.tolist() == [5, 10]
     np.testing.assert_array_equal(seen[0], window_load(trace, steps, 2, 5))
     assert seen[0].sum() == 2 * 2 * steps.sizes[2:5].sum()
@@ -293,7 +332,7 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     base = ["evaluate", str(tmp_path / "eplb.json"), "--trace", str(SLICE), "--drop",
             "seq_repetition", "--nodes", "2", "--json"]
     assert run(base + ["--online", "eplb", "--window", "64", "--interval", "128",
-                       "--concurrency", "64", "--exec", "return"]) == 0
+                       "--replay", "recorded", "--concurrency", "64", "--exec", "return"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [row["placement"] for row in out["rows"]]
     assert names[:4] == ["linear", "linear + online eplb", "eplb", "eplb + online eplb"]
@@ -301,13 +340,13 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     assert online["rebalances"] == 3 and online["experts_moved"] > 0
     assert online["move_time_per_step_s"] > 0 and out["online"]["interval"] == 128
     assert out["rows"][0]["batching"].startswith("decode, 64 running")
-    assert run(base + ["--batching", "none", "--exec", "return"]) == 0
+    assert run(base + ["--replay", "average", "--exec", "return"]) == 0
     none = json.loads(capsys.readouterr().out)["rows"]
     assert {row["steps"] for row in none} == {1}
     assert run(base[:2] + [str(tmp_path / name) for name in
                            ("vllm.json", "megatron.npy", "sglang.json", "ascend.json")]
-               + base[2:] + ["--gpus", "4", "--batching", "prefill", "--step-tokens",
-                             "1024", "--exec", "follow"]) == 0
+               + base[2:] + ["--gpus", "4", "--phase", "prefill", "--replay", "recorded",
+                             "--step-tokens", "1024", "--exec", "follow"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     time = {row["placement"]: row["mean_step_time_s"] for row in rows}
     for name in ("vllm", "sglang", "ascend"):
@@ -315,7 +354,8 @@ def test_evaluate_cli_batching_online_and_engine_formats(tmp_path, capsys):
     assert time["megatron"] == pytest.approx(time["linear"])
     assert run(base[:2] + [str(tmp_path / "vllm.json")] + base[2:]) == 2
     assert "--gpus" in capsys.readouterr().err
-    assert run(base + ["--batching", "steps"]) == 2
+    assert run(base + ["--replay", "steps"]) == 2
+    assert "--replay" in capsys.readouterr().err
     assert run(base + ["--online", "eplb", "--interval", "0"]) == 2
     assert run(base + ["--online", "nope"]) == 2
     capsys.readouterr()
@@ -348,14 +388,30 @@ def golden_instance():
     return trace, Placement(phy2log, 4, 12), model
 
 
+def before_steps_coefficients() -> CostCoefficients:
+    """The cost model of before steps as kernel constants: DeepEP normal's messages (one per
+    token and GPU inside the node, per token and remote node across), BF16 (128 bytes at
+    hidden 64) at network efficiency 0.8 both ways, and the 10 us cross-node latency (every
+    layer of the golden instance crosses nodes). The FP8 dispatch message is 68 bytes, so
+    its efficiency is scaled by 68 / 128 to cost what a 128-byte one did."""
+    fp8 = 0.8 * (64 + 4) / 128
+    return CostCoefficients(tokens_per_gpu_batch=16, kernels={"deepep-normal": {
+        "dispatch": {"latency": 10e-6, "intra_efficiency": fp8, "inter_efficiency": fp8},
+        "combine": {"latency": 10e-6, "intra_efficiency": 0.8, "inter_efficiency": 0.8}}})
+
+
 @pytest.mark.parametrize(("exec_model", "policy"), list(BEFORE_STEPS))
 def test_batching_none_reproduces_the_numbers_from_before_steps(exec_model, policy):
     trace, placement, model = golden_instance()
-    result, times = evaluate(placement, trace, make_cluster(4, 2), model, exec_model, policy,
-                             CostCoefficients(tokens_per_gpu_batch=16), batching="none")
+    result, times = evaluate(placement, trace, make_cluster(4, 2), model,
+                             EngineSettings(exec_model, policy, "deepep-normal"),
+                             before_steps_coefficients(), plan=AVERAGE)
     summary = result.summary()
-    assert (times.total, summary["traffic_tokens"], summary["node_messages"]) == \
-        BEFORE_STEPS[exec_model, policy]
+    want_time, want_traffic, want_messages = BEFORE_STEPS[exec_model, policy]
+    assert (summary["traffic_tokens"], summary["node_messages"]) == (want_traffic,
+                                                                     want_messages)
+    assert times.total == pytest.approx(want_time, rel=1e-12)
+    assert (result.remote_nodes > 0).all()      # so the old latency was the 10 us one
 
 
 @pytest.mark.parametrize("exec_model", ["return", "follow"])
@@ -368,13 +424,18 @@ def test_chunking_the_steps_changes_nothing(monkeypatch, exec_model):
     placement = Placement(np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 5, 2, 7]] * 3), 4, 8)
     cluster, model = make_cluster(4, 2), toy_model(trace)
     steps = make_steps(trace.seq_lens, trace.num_tokens, 4, "decode", concurrency=6)
-    whole, times = replay_steps(placement, trace, cluster, model, steps, exec_model,
-                                "nearest", COEFFICIENTS)
-    for chunk in (1, 7, 50):
-        monkeypatch.setattr(evaluate_module, "CHUNK_TOKENS", chunk)
-        part, part_times = replay_steps(placement, trace, cluster, model, steps, exec_model,
-                                        "nearest", COEFFICIENTS)
-        assert part.summary() == whole.summary()
-        np.testing.assert_array_equal(part.active_experts, whole.active_experts)
-        np.testing.assert_array_equal(part.traffic, whole.traffic)
-        np.testing.assert_array_equal(part_times.step_time, times.step_time)
+    for kernel in KERNELS:
+        monkeypatch.setattr(evaluate_module, "CHUNK_TOKENS", 65536)
+        engine = EngineSettings(exec_model, "nearest", kernel)
+        whole, times = replay_steps(placement, trace, cluster, model, steps, engine,
+                                    COEFFICIENTS)
+        for chunk in (1, 7, 50):
+            monkeypatch.setattr(evaluate_module, "CHUNK_TOKENS", chunk)
+            part, part_times = replay_steps(placement, trace, cluster, model, steps, engine,
+                                            COEFFICIENTS)
+            assert part.summary() == whole.summary()
+            np.testing.assert_array_equal(part.active_experts, whole.active_experts)
+            np.testing.assert_array_equal(part.traffic, whole.traffic)
+            np.testing.assert_array_equal(part.dispatch.messages, whole.dispatch.messages)
+            np.testing.assert_array_equal(part.combine.messages, whole.combine.messages)
+            np.testing.assert_array_equal(part_times.step_time, times.step_time)

@@ -13,16 +13,20 @@ from conftest import random_trace
 from moetuner import sweep
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
+from moetuner.costmodel import CostCoefficients
+from moetuner.engine import EngineSettings
 from moetuner.errors import InputError
 from moetuner.evaluate import evaluate
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, place
 from moetuner.models import get_model
 from moetuner.parallel import map_tasks
+from moetuner.steps import StepPlan
 from moetuner.sweep import (
     EvalOptions,
     SweepGrid,
     SweepInputs,
+    SweepPoint,
     grid_points,
     pareto_front,
     recommend,
@@ -116,7 +120,11 @@ def test_sweep_rows_equal_individual_place_and_evaluate(inputs, tmp_path):
         placement, _ = place(profile, cluster, row["method"],
                              PlaceOptions(redundant=row["redundant"], time_limit=5,
                                           exec_model=row["exec_model"]))
-        replayed, cost = evaluate(placement, trace, cluster, model, row["exec_model"])
+        # The default grid: decode steps at serving scale on DeepEP's low-latency kernels.
+        assert (row["batching"], row["concurrency"]) == ("decode", None)
+        replayed, cost = evaluate(placement, trace, cluster, model,
+                                  EngineSettings(row["exec_model"], "even", "deepep-ll"),
+                                  plan=StepPlan(phase="decode", source="serving"))
         for key, value in {**replayed.summary(), **cost.summary()}.items():
             if key == "batching":  # the row keeps the point's setting, the summary says more
                 assert value.startswith(row[key])
@@ -254,3 +262,19 @@ def test_a_killed_sweep_process_resumes(inputs, tmp_path):
     resumed = run_sweep(inputs, grid, out, workers=1)
     assert (resumed.reused, resumed.computed) == (len(written), len(resumed.rows) - len(written))
     assert all(path.read_bytes() == data for path, data in written.items())
+
+
+def test_sweep_points_plan_their_steps_and_kernel():
+    def point(batching, concurrency=None):
+        return SweepPoint(4, 2, 0, "h100", "linear", "follow", batching, concurrency)
+
+    assert point("none").plan() == StepPlan(source="average")
+    assert point("decode").plan() == StepPlan("decode", "serving")
+    assert point("prefill").plan() == StepPlan("prefill", "serving")
+    assert point("decode", 64).plan() == StepPlan("decode", "recorded", concurrency=64)
+    assert point("prefill", 1024).plan() == StepPlan("prefill", "recorded", step_tokens=1024)
+    coefficients = CostCoefficients()
+    for batching, kernel in (("decode", "deepep-ll"), ("prefill", "deepep-normal")):
+        kwargs = EvalOptions("nearest").evaluate_kwargs(point(batching), coefficients)
+        assert kwargs == {"settings": EngineSettings("follow", "nearest", kernel),
+                          "coefficients": coefficients, "plan": point(batching).plan()}

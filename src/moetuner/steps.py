@@ -332,9 +332,12 @@ def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
         home = block_homes(np.arange(0, width * num_steps + 1, width, dtype=np.int64),
                            num_gpus)
         what = f"{width:,} tokens per step ({drawn:,} requests drawn)"
+    # Keys: a permutation of the positions (position mod G is a decode token's home, so
+    # position keys would make ``even`` choose one replica for all tokens of a GPU).
     return Steps(order=order, bounds=np.arange(0, width * num_steps + 1, width,
                                                dtype=np.int64),
-                 home=home, num_gpus=num_gpus, key=np.arange(order.size, dtype=np.int64),
+                 home=home, num_gpus=num_gpus,
+                 key=rng.permutation(order.size).astype(np.int64),
                  description=f"{phase}: {what}, resampled from {lens.size:,} recorded "
                  f"requests, {num_steps} steps")
 
