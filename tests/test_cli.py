@@ -114,9 +114,6 @@ def test_evaluate_bad_phase_kernel_and_sizes_exit_2_naming_the_flag(tmp_path, ca
         assert not captured.out
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "src bug: serving_steps allocates N x G x steps tokens unchecked; a huge --tokens-per-gpu "
-    "or --steps raises numpy's ValueError (a crash) instead of exiting 2"))
 @pytest.mark.parametrize("flag", ["--tokens-per-gpu", "--steps"])
 def test_evaluate_huge_step_sizes_exit_2(tmp_path, capsys, flag):
     base = _evaluate_setup(tmp_path)

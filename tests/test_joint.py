@@ -294,8 +294,10 @@ def test_joint_params_plan_the_phase_kernel_and_steps():
                                     "replay=recorded", "concurrency=512"])
     assert (params.phase, params.kernel, params.tokens_per_gpu) == ("prefill", "nccl", 64)
     assert params.step_plan() == StepPlan("prefill", "recorded", 64, step_tokens=512)
-    assert parse_params("joint", []).step_plan() == StepPlan("decode", "serving")
-    assert parse_params("joint", ["concurrency=8"]).step_plan() == StepPlan()
+    # Serving steps are hedged by default (each from its own mix of request groups).
+    assert parse_params("joint", []).step_plan() == StepPlan("decode", "serving", hedge=0.5)
+    assert parse_params("joint", ["concurrency=8"]).step_plan() == StepPlan(hedge=0.5)
+    assert parse_params("joint", ["hedge=none"]).step_plan() == StepPlan()
     for pair, field in (("phase=x", "phase"), ("kernel=y", "kernel"),
                         ("tokens_per_gpu=0", "tokens_per_gpu"), ("replay=average", "replay"),
                         ("batching=decode", "batching")):

@@ -5,7 +5,8 @@ sparsity, HBM bandwidth, memory) for the SXM parts. ``intra_bandwidth`` is the N
 bandwidth per GPU in one direction (half the bidirectional figure NVIDIA quotes);
 ``inter_bandwidth`` is one 400 Gb/s NIC per GPU (ConnectX-7 NDR InfiniBand, as in DGX/HGX
 H100, H200 and B200 nodes; 200 Gb/s HDR for A100), i.e. about 9x below NVLink on H100.
-Latencies are order-of-magnitude assumptions for one all-to-all step, not measurements.
+The all-to-all kernels' latencies and achieved bandwidths are the cost model's
+(``moetuner.costmodel``, fitted to published measurements).
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ GPUS: dict[str, GPUSpec] = {
     ]
 }
 
-INTRA_LATENCY = 3e-6  # s per all-to-all step inside a node (assumed)
-INTER_LATENCY = 10e-6  # s per all-to-all step across nodes (assumed)
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -65,8 +63,6 @@ class Cluster:
         gpu: the GPU model.
         intra_bandwidth: bytes/s per GPU per direction between GPUs of one node.
         inter_bandwidth: bytes/s per GPU per direction between nodes.
-        intra_latency: seconds per exchange inside a node.
-        inter_latency: seconds per exchange across nodes.
     """
 
     num_gpus: int
@@ -74,8 +70,6 @@ class Cluster:
     gpu: GPUSpec
     intra_bandwidth: float
     inter_bandwidth: float
-    intra_latency: float = INTRA_LATENCY
-    inter_latency: float = INTER_LATENCY
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_gpus <= MAX_GPUS:
@@ -115,10 +109,6 @@ class Cluster:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> Cluster:
-        return cls(**{**data, "gpu": GPUSpec(**data["gpu"])})
-
 
 def make_cluster(
     gpus: int,
@@ -126,16 +116,13 @@ def make_cluster(
     gpu: str = "h100",
     intra_bandwidth: float | None = None,
     inter_bandwidth: float | None = None,
-    intra_latency: float = INTRA_LATENCY,
-    inter_latency: float = INTER_LATENCY,
 ) -> Cluster:
     """Build a cluster from the command line's flags (bandwidths default to the GPU preset)."""
     try:
         spec = GPUS[gpu.lower()]
     except KeyError:
         raise InputError("--gpu", "name", f"one of {', '.join(GPUS)}", repr(gpu)) from None
-    cluster = Cluster(gpus, nodes, spec, spec.nvlink_bandwidth, spec.network_bandwidth,
-                      intra_latency, inter_latency)
+    cluster = Cluster(gpus, nodes, spec, spec.nvlink_bandwidth, spec.network_bandwidth)
     overrides = {k: v for k, v in (("intra_bandwidth", intra_bandwidth),
                                    ("inter_bandwidth", inter_bandwidth)) if v is not None}
     return replace(cluster, **overrides) if overrides else cluster

@@ -214,8 +214,8 @@ class StepCost:
     def exchange(self, messages: np.ndarray, direction: int) -> np.ndarray:
         """``[...]`` seconds of one exchange (``direction`` 0: dispatch, 1: combine) from
         ``messages [4, ..., G]`` (intra-node sent, received, cross-node sent, received):
-        the kernel's latency (when the cluster has several GPUs and anything is routed)
-        plus the slowest GPU's transfers. The same messages run backwards cost the same."""
+        the kernel's latency (whenever the cluster has several GPUs: the kernel runs every
+        layer) plus the slowest GPU's transfers. The same messages run backwards cost the same."""
         latency, intra, inter = self.message_seconds[direction]
         busy = (np.maximum(messages[0], messages[1]) * intra
                 + np.maximum(messages[2], messages[3]) * inter)

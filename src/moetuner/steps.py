@@ -28,7 +28,8 @@ so by default steps are synthesised at serving scale from the recorded requests
   into steps of N x G tokens (N default 4,096), each split into G contiguous blocks.
 
 A request drawn twice is replayed twice; each replayed token has its own replica-choice key
-(its position in the steps).
+(a seeded permutation of the positions: a decode position mod G is the token's home, so
+position keys would make ``even`` pick one replica for all tokens of a GPU).
 
 For optimisation, ``mixture_steps`` hedges against a served workload that differs from the
 profiled one: each step is drawn independently from its own mixture of the profiled
@@ -56,6 +57,8 @@ StepSource = Literal["serving", "recorded", "average"]
 # section 10), and steps drawn by default.
 TOKENS_PER_GPU = {"decode": 128, "prefill": 4096}
 SERVING_STEPS = {"decode": 64, "prefill": 16}
+# Replayed tokens of synthesised steps at most (three int64 arrays of them: 1.5 GiB).
+MAX_SYNTHESISED_TOKENS = 1 << 26
 # Running sequences per GPU in the default decode batching.
 DEFAULT_SEQUENCES_PER_GPU = 128
 # Tokens per prefill step by default (vLLM's default max_num_batched_tokens, chunked prefill).
@@ -312,8 +315,7 @@ def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
     """
     checked(phase, Phase, "--phase", "phase")
     _check_positive("--gpus", "num_gpus", num_gpus)
-    _check_positive("--tokens-per-gpu", "tokens_per_gpu", tokens_per_gpu)
-    _check_positive("--steps", "num_steps", num_steps)
+    _check_size(tokens_per_gpu, num_gpus, num_steps)
     lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
             else np.asarray(seq_lens, dtype=np.int64))
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
@@ -332,8 +334,7 @@ def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
         home = block_homes(np.arange(0, width * num_steps + 1, width, dtype=np.int64),
                            num_gpus)
         what = f"{width:,} tokens per step ({drawn:,} requests drawn)"
-    # Keys: a permutation of the positions (position mod G is a decode token's home, so
-    # position keys would make ``even`` choose one replica for all tokens of a GPU).
+    # Keys: a permutation of the positions (module docstring).
     return Steps(order=order, bounds=np.arange(0, width * num_steps + 1, width,
                                                dtype=np.int64),
                  home=home, num_gpus=num_gpus,
@@ -359,6 +360,7 @@ def mixture_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
     requests one after another, the last cut short).
     """
     checked(phase, Phase, "--phase", "phase")
+    _check_size(tokens_per_gpu, num_gpus, num_steps)
     lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
             else np.asarray(seq_lens, dtype=np.int64))
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
@@ -389,7 +391,7 @@ def mixture_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
     home = (np.tile(np.arange(width, dtype=np.int64) % num_gpus, num_steps)
             if phase == "decode" else block_homes(bounds, num_gpus))
     return Steps(order=order, bounds=bounds, home=home, num_gpus=num_gpus,
-                 key=np.arange(order.size, dtype=np.int64),
+                 key=rng.permutation(order.size).astype(np.int64),
                  description=f"{phase}: {width:,} tokens per step, each step from its own "
                  f"mixture (Dirichlet {alpha:g}) of {size.size} request groups, {num_steps} "
                  "steps")
@@ -464,6 +466,16 @@ def combine_gpu(gpu: np.ndarray, current: np.ndarray, num_gpus: int,
     tied = counts == counts.max(axis=1, keepdims=True)
     stay = tied[np.arange(T), current]
     return np.where(stay, current, tied.argmax(axis=1))
+
+
+def _check_size(tokens_per_gpu: int, num_gpus: int, num_steps: int) -> None:
+    """Refuse synthesised steps of more than ``MAX_SYNTHESISED_TOKENS`` tokens in all."""
+    _check_positive("--tokens-per-gpu", "tokens_per_gpu", tokens_per_gpu)
+    _check_positive("--steps", "num_steps", num_steps)
+    if tokens_per_gpu * num_gpus * num_steps > MAX_SYNTHESISED_TOKENS:
+        raise InputError("--tokens-per-gpu, --steps", "tokens_per_gpu",
+                         f"tokens per GPU x {num_gpus} GPUs x steps at most "
+                         f"{MAX_SYNTHESISED_TOKENS:,}", f"{tokens_per_gpu} x {num_steps} steps")
 
 
 def _check_positive(flag: str, name: str, value: int) -> None:

@@ -176,7 +176,9 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         value = objective(problem, balanced)
         log.append(f"balance search: {moves} moves, {'converged' if converged else 'stopped'}"
                    f", {1e6 * best:.6g} -> {1e6 * value:.6g} us")
-        if value < best:
+        # Kept when better and within the per-step imbalance cap of the warm start.
+        cap = (1 + params.imbalance_slack) * peak_loads(problem, phy2log) * (1 + 1e-12)
+        if value < best and (peak_loads(problem, balanced) <= cap).all():
             phy2log, best = balanced, value
     searched, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
                                               params.kicks, params.imbalance_slack)
