@@ -66,7 +66,7 @@ def placements_for(train_trace: Trace, cluster, redundant: int, phase: str,
             params = parse_params("joint", {"phase": phase})
             profile = profile_trace(train_trace, step_gpus=cluster.num_gpus,
                                     plan=params.step_plan())
-        options = PlaceOptions(redundant=redundant, time_limit=time_limit,
+        options = PlaceOptions(redundant=redundant, time_limit=time_limit, exec_model="return",
                                params=params or PlaceOptions().params)
         out[method] = place(profile, cluster, method, options)[0]
     return out
@@ -111,34 +111,52 @@ def print_table(table: dict, reference: str = "eplb") -> None:
     print()
 
 
-def compare_methods(trace: Trace, args: argparse.Namespace) -> None:
+def splits_of(trace: Trace, names: tuple[str, ...]) -> dict[str, tuple[Trace, Trace]]:
+    """name -> (profiled part, held-out part): ``MMLU -> GPQA`` (another task family) and
+    ``MMLU half -> half`` (the same family; the halves hold different subjects)."""
+    mmlu = trace.select(["seq_dataset=mmlu*"])
+    every = {"MMLU -> GPQA": (mmlu, trace.select(["seq_dataset=gpqa*"])),
+             "MMLU half -> half": mmlu.split(0.5)}
+    return {name: every[name] for name in names}
+
+
+def compare_methods(trace: Trace, time_limit: float, split_names: tuple[str, ...]
+                    ) -> list[str]:
+    """Print one table per split, cluster, R and regime; return a line per row naming the
+    fastest method and joint's ratio to static EPLB."""
     model = get_model("gpt-oss-20b")
-    train, test = trace.select(["seq_dataset=mmlu*"]), trace.select(["seq_dataset=gpqa*"])
-    winners = []
-    for gpus, nodes in ((8, 2), (16, 4)):
-        cluster = make_cluster(gpus, nodes, "h100")
-        for redundant in (0, gpus):
-            by_phase = {}
-            for label, phase, per_gpu in REGIMES:
-                start = time.perf_counter()
-                if phase not in by_phase:
-                    by_phase[phase] = placements_for(train, cluster, redundant, phase,
-                                                     args.time_limit)
-                plan = StepPlan(phase=phase, tokens_per_gpu=per_gpu)
-                steps = plan.steps(test.seq_lens, test.num_tokens, gpus)
-                settings = EngineSettings(kernel=kernel_for(phase))
-                table = regime_table(test, cluster, model, by_phase[phase], steps, settings)
-                print(f"### {gpus} x H100 on {nodes} nodes, R = {redundant}, {label} "
-                      f"({settings.kernel}; {steps.description}; "
-                      f"{time.perf_counter() - start:.0f} s)\n")
-                print_table(table)
-                best = min(table, key=lambda n: table[n]["mean"] + table[n]["moves"])
-                gain = (table[best]["mean"] + table[best]["moves"]) / table["eplb"]["mean"]
-                winners.append(f"{gpus}/{nodes}, R = {redundant}, {label}: {best} "
-                               f"({gain:.3f}x eplb)")
-    print("### fastest per row (mean step time, moves included)\n")
-    print("\n".join(f"- {line}" for line in winners))
+    summary = []
+    for split, (train, test) in splits_of(trace, split_names).items():
+        for gpus, nodes in ((8, 2), (16, 4)):
+            cluster = make_cluster(gpus, nodes, "h100")
+            for redundant in (0, gpus):
+                by_phase = {}
+                for label, phase, per_gpu in REGIMES:
+                    start = time.perf_counter()
+                    if phase not in by_phase:
+                        by_phase[phase] = placements_for(train, cluster, redundant, phase,
+                                                         time_limit)
+                    plan = StepPlan(phase=phase, tokens_per_gpu=per_gpu)
+                    steps = plan.steps(test.seq_lens, test.num_tokens, gpus)
+                    settings = EngineSettings(kernel=kernel_for(phase))
+                    table = regime_table(test, cluster, model, by_phase[phase], steps,
+                                         settings)
+                    print(f"### {split}: {gpus} x H100 on {nodes} nodes, R = {redundant}, "
+                          f"{label} ({settings.kernel}; {steps.description}; "
+                          f"{time.perf_counter() - start:.0f} s)\n")
+                    print_table(table)
+                    served = {n: r["mean"] + r["moves"] for n, r in table.items()}
+                    best = min(served, key=served.get)
+                    summary.append(
+                        f"{split}, {gpus}/{nodes}, R = {redundant}, {label}: fastest {best}; "
+                        f"joint {served['joint'] / served['eplb']:.3f}x eplb, imbalance "
+                        f"{table['joint']['imbalance']:.2f} vs {table['eplb']['imbalance']:.2f}"
+                        f", remote nodes {table['joint']['remote']:.2f} vs "
+                        f"{table['eplb']['remote']:.2f}")
+    print("### per row: the fastest method (moves included) and joint against static eplb\n")
+    print("\n".join(f"- {line}" for line in summary))
     print()
+    return summary
 
 
 def time_replay(path: Path) -> None:
@@ -229,7 +247,7 @@ def measure_memory() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", nargs="?", type=Path, default=DEFAULT)
-    parser.add_argument("--time-limit", type=float, default=5.0,
+    parser.add_argument("--time-limit", type=float, default=20.0,
                         help="seconds per solve for moetuner and joint")
     parser.add_argument("--only", choices=("methods", "speed", "memory"),
                         help="run one part only")
@@ -243,7 +261,7 @@ def main() -> None:
         print(f"trace: {args.trace} ({trace.num_tokens} tokens after dropping repetitions); "
               f"moetuner/joint time limit {args.time_limit:g} s\nMoE ms per step: "
               "predicted by moetuner's cost model (a model, not a measurement)\n")
-        compare_methods(trace, args)
+        compare_methods(trace, args.time_limit, ("MMLU -> GPQA",))
     if args.only in (None, "speed"):
         time_replay(args.trace)
     if args.only in (None, "memory"):
