@@ -1,5 +1,5 @@
 """Fit the all-to-all kernels' constants to their published measurements and print how well
-the cost model then reproduces them (moetuner.kernels: sources and the replayed setting).
+the cost model then reproduces them (moetuner.kernel_calibration: sources and the replayed setting).
 
     python bench/kernels.py            # print the fit table
     python bench/kernels.py --write    # also rewrite src/moetuner/data/kernels.json
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.costmodel import CostCoefficients
-from moetuner.kernels import (
+from moetuner.kernel_calibration import (
     MEASUREMENTS,
     NORMAL_NVLINK,
     NORMAL_RDMA,
@@ -56,7 +56,7 @@ def main() -> None:
     if args.write:
         provenance = {
             "fitted": datetime.date.today().isoformat(),
-            "by": "python bench/kernels.py --write (moetuner.kernels)",
+            "by": "python bench/kernels.py --write (moetuner.kernel_calibration)",
             "sources": {name: m.source for name, m in MEASUREMENTS.items()}
             | {"deepep-normal": NORMAL_SOURCE},
             "reference_links": "H800: NVLink 200 GB/s per direction; H100: 450 GB/s; "

@@ -18,7 +18,7 @@ from moetuner.cluster import make_cluster
 from moetuner.costmodel import CostCoefficients, StepCost
 from moetuner.engine import KERNELS, EngineSettings, count_layer, replica_table
 from moetuner.evaluate import replay, replay_steps
-from moetuner.kernels import MEASUREMENTS, PUBLISHED_MODEL, predicted
+from moetuner.kernel_calibration import MEASUREMENTS, PUBLISHED_MODEL, predicted
 from moetuner.methods._joint_objective import build_problem, step_costs
 from moetuner.methods.linear import linear_phy2log
 from moetuner.models import ModelSpec
@@ -197,7 +197,7 @@ def test_published_setting_replayed_by_the_evaluator_gives_the_fitted_times():
     # EP16 (2 nodes of 8 H800): uniform top-8 of 256 experts, linear, 128 tokens per GPU
     # homed round-robin -- replayed through the evaluator as one step.
     G, n = 16, 128 * 16
-    rng = np.random.default_rng(0)                  # moetuner.kernels.published_setting's
+    rng = np.random.default_rng(0)                  # moetuner.kernel_calibration.published_setting's
     ids = np.argsort(rng.random((n, 256)), axis=1)[:, :8]
     trace = Trace(topk_ids=ids[:, None, :], num_experts=256)
     steps = Steps(order=np.arange(n), bounds=np.array([0, n]), home=np.arange(n) % G,
