@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from moetuner.errors import InputError
@@ -35,23 +34,6 @@ from moetuner.trace import Trace, read_npz_sequences, select_sequences, validate
 
 # read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
 RowReader = Callable[[int], np.ndarray]
-
-
-@numba.njit(cache=True, nogil=True)
-def _ids_valid(ids: np.ndarray, num_experts: int) -> bool:
-    """Whether every ``ids [t, L, k]`` row holds k distinct ids in ``[0, num_experts)``: the
-    check ``Trace`` makes, compiled (sorting each row costs twice the counting)."""
-    tokens, layers, k = ids.shape
-    for token in range(tokens):
-        for layer in range(layers):
-            for a in range(k):
-                i = ids[token, layer, a]
-                if i < 0 or i >= num_experts:
-                    return False
-                for b in range(a):
-                    if ids[token, layer, b] == i:
-                        return False
-    return True
 
 
 def _npy_member_header(archive: zipfile.ZipFile, member: str
@@ -277,6 +259,8 @@ def _profile_rows(
         kept_lens = units if keep is None else units[keep]
     kept_tokens = tokens if kept_lens is None else int(kept_lens.sum())
     check_count_size(layers, num_experts or 1, source)
+    from moetuner.kernels import ids_valid  # numba: imported when first counting
+
     counter = RoutingCounter(layers, num_experts or 1, k, cut=half_cut(kept_tokens, kept_lens))
     ends = np.cumsum(units)
     first_unit, done = 0, 0
@@ -287,7 +271,7 @@ def _profile_rows(
             check_count_size(layers, int(rows.max()) + 1, source)
             counter.grow(int(rows.max()) + 1)
         rows = native_ids(rows)
-        if not _ids_valid(rows, counter.E):
+        if not ids_valid(rows, counter.E):
             Trace(topk_ids=rows, num_experts=counter.E, source=source)  # raises, saying why
         if keep is not None:
             rows = rows[np.repeat(keep[first_unit:stop_unit], units[first_unit:stop_unit])]

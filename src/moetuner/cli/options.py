@@ -54,7 +54,7 @@ Workers = Annotated[int, typer.Option(
     "--workers", help="processes profiling shards of a directory or glob at once")]
 RayAddress = Annotated[str | None, typer.Option(
     "--ray", help="run on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT "
-    "(pip install moetuner[ray])")]
+    "(pip install 'moetuner\\[ray]')")]
 
 
 class _Rate(ProgressColumn):

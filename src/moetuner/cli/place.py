@@ -79,7 +79,8 @@ def place_command(
         "weighs (--weight, --robust), the others place their sum")],
     gpus: Gpus,
     output: Annotated[Path, typer.Option("-o", "--output", help="placement JSON to write")],
-    method: Annotated[str, typer.Option("--method", help="placement method")] = "moetuner",
+    method: Annotated[str, typer.Option(
+        "--method", help=f"placement method: {', '.join(methods())}")] = "moetuner",
     nodes: Nodes = 1,
     gpu: GpuName = "h100",
     intra_bw: IntraBw = None,
