@@ -70,5 +70,6 @@ def test_piped_output_is_not_wrapped(tmp_path):
     Placement(phy2log=np.array([[0, 1, 2, 3]]), num_gpus=2, num_experts=4).save(path)
     result = _python(f"from moetuner.cli import run; run(['info', {str(path)!r}])")
     first = result.stdout.splitlines()[0]
-    assert first == (f"placement {path}: 1 layers, E = 4, G = 2, 2 slots per GPU "
-                     "(0 redundant)")
+    assert first == f"{path}: a moetuner placement JSON"
+    assert result.stdout.splitlines()[1] == (
+        "1 MoE layers, E = 4, G = 2, 2 slots per GPU (0 redundant)")

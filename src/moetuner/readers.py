@@ -139,12 +139,35 @@ def read_sglang_stat(path: Path) -> Profile:
     if count.ndim != 3 or not _is_real(count):
         raise InputError(path, "logical_count", "counts [buffer_steps, num_hidden_layers, E]",
                          f"{count.dtype} {list(count.shape)}")
-    load = count.sum(axis=0)
+    return _routed_layers(count.sum(axis=0), path)
+
+
+def _routed_layers(load: np.ndarray, path: Path) -> Profile:
+    """A loads-only profile of the layers of ``load [num_hidden_layers, E]`` that routed
+    tokens (dense layers, all zero, dropped)."""
+    if (load < 0).any() or not np.isfinite(load).all():
+        raise InputError(path, "logical_count", "finite counts >= 0",
+                         "negative or non-finite values")
     routed = load.sum(axis=1) > 0
     if not routed.any():
         raise InputError(path, "logical_count", "at least one layer with routed tokens",
                          "all zero")
     return Profile.from_load(load[routed], source=str(path))
+
+
+def read_sglang_count(path: Path) -> Profile:
+    """A loads-only profile from an SGLang ``logical_count`` JSON (``moetuner export --format
+    sglang-count``, ``{"logical_count": [[E] x num_hidden_layers]}``; dense layers dropped)."""
+    data = parse_json(path.read_bytes(), path, "logical_count",
+                      '{"logical_count": [num_hidden_layers, E] counts}')
+    try:
+        count = np.asarray(data["logical_count"] if isinstance(data, dict) else None)
+    except (KeyError, ValueError, TypeError, RecursionError, OverflowError):
+        count = np.asarray(None)
+    if count.ndim != 2 or not count.size or not _is_real(count):
+        raise InputError(path, "logical_count", "counts [num_hidden_layers, E]",
+                         f"{count.dtype} {list(count.shape)}")
+    return _routed_layers(count, path)
 
 
 # ---------------------------------------------------------------- vLLM routed_experts

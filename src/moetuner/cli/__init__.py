@@ -43,6 +43,11 @@ console = make_console()
 err_console = make_console(stderr=True)
 
 
+def percent(share: float) -> str:
+    """A share (a solver's relative gap, say) as every command prints it: ``82.75%``."""
+    return f"{100 * share:.2f}%"
+
+
 def version() -> str:
     """The installed moetuner's version ("unknown" when run from sources not installed)."""
     try:

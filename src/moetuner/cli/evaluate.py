@@ -38,12 +38,12 @@ from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
-from moetuner.export import read_megatron, read_sglang, read_vllm, read_vllm_ascend, sidecar_path
+from moetuner.formats import read_placement
 from moetuner.inputs import read_trace
-from moetuner.io import MAX_PAIR_CELLS, read_json
+from moetuner.io import MAX_PAIR_CELLS
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
-from moetuner.placement import Placement, is_placement_file, load_placement
+from moetuner.placement import Placement
 from moetuner.steps import BATCHINGS, Steps, make_steps
 from moetuner.trace import Trace
 
@@ -86,29 +86,6 @@ class EvaluationInputs:
                 "coefficients": self.coefficients.to_dict()}
 
 
-def read_placement_file(path: Path, num_gpus: int | None) -> Placement:
-    """A placement from a moetuner JSON or any engine file ``moetuner export`` writes."""
-    if is_placement_file(path):
-        return load_placement(path)
-    if path.suffix == ".npy":
-        return read_megatron(path, num_gpus)
-    data = read_json(path, "a placement (moetuner, SGLang, vLLM or vLLM-Ascend JSON)")
-    if isinstance(data, dict) and "physical_to_logical_map" in data:
-        if not sidecar_path(path).exists():
-            raise InputError(path, "sidecar", f"the sidecar {sidecar_path(path).name} that "
-                             "moetuner export writes beside an SGLang file (it names the "
-                             "layers and GPUs)")
-        return read_sglang(path)
-    if isinstance(data, dict) and "layer_list" in data:
-        return read_vllm_ascend(path)
-    if isinstance(data, list):
-        if num_gpus is None:
-            raise InputError("--gpus", "num_gpus", f"the GPU count for the vLLM map {path}")
-        return read_vllm(path, num_gpus)
-    raise InputError(path, "file", "a moetuner placement JSON, an SGLang, vLLM or "
-                     "vLLM-Ascend placement JSON, or a Megatron expert_gpu .npy")
-
-
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
                 drop: list[str] | None, model: str | None, gpus: int | None, nodes: int,
                 gpu: str, intra_bw: float | None, inter_bw: float | None, exec_model: str,
@@ -126,7 +103,7 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     loaded = {}
     for path in placements:
         name = path.stem if path.stem not in loaded else str(path)
-        loaded[name] = read_placement_file(path, gpus)
+        loaded[name] = read_placement(path, gpus)
     if not loaded:
         raise InputError("PLACEMENT", "placements", "at least one placement file")
     events = read_trace(trace, select or (), drop or ())

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moetuner.cli import command, console
+from moetuner.cli import command, console, percent
 from moetuner.cli.options import (
     Drop,
     GpuName,
@@ -56,7 +56,7 @@ def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
         return "-" if value is None else f"{value:.6g}"
 
     table.add_row(record.method, record.status, number(record.objective), number(record.bound),
-                  "-" if record.gap is None else f"{100 * record.gap:.2f}%",
+                  "-" if record.gap is None else percent(record.gap),
                   f"{record.solve_time:.2f}", f"{ratio.mean():.3f}, {ratio.max():.3f}")
     return table
 
