@@ -17,11 +17,12 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from moetuner.cli import run
@@ -60,6 +61,8 @@ BAD_ARRAYS: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
     ("flat", lambda a: a.reshape(-1)),
     ("extra axis", lambda a: a[..., None]),
     ("one layer", lambda a: a[:, :1] if a.ndim == 3 else a[:1]),
+    ("narrow k", lambda a: a[..., :1] if a.ndim == 3 else a[:, :1] if a.ndim == 2 else a),
+    ("wide k", lambda a: np.concatenate([a, a[..., :1]], axis=-1) if a.ndim >= 1 else a),
 ]
 BAD_TEXT = ["nan", "-1", "1e400", "99999999999999999999", '"3"', "2.25", "null", "[]", "x"]
 BAD_JSON: list[tuple[str, object]] = [
@@ -180,7 +183,25 @@ def _damage_bytes(path: Path, kind: str, where: float, data: bytes) -> None:
         raw = raw[:cut] + b"\xff\xfe\x80" + raw[cut:]
     elif kind == "deep json":
         raw = b"[" * 100_000 + b"]" * 100_000
+    elif kind == "raw member":
+        raw = _raw_member(raw, where)
     target.write_bytes(raw)
+
+
+def _raw_member(raw: bytes, where: float) -> bytes:
+    """The zip ``raw`` (or a zip of ``raw``) with one member renamed without ``.npy``: numpy
+    then hands that member back as bytes, not an array."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        members = {"topk_ids.npy": raw}
+    chosen = int(where * len(members)) if members else 0
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (name, data) in enumerate(members.items()):
+            archive.writestr(name.removesuffix(".npy") if index == chosen else name, data)
+    return buffer.getvalue()
 
 
 def _damage_content(content: object, node_choice: int, value_choice: int) -> object:
@@ -289,7 +310,8 @@ def _good_files(root: Path) -> dict[str, str]:
     return good
 
 
-BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json"]
+BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json",
+               "raw member"]
 # Bounded (the whole file runs in well under a minute on 2 cores); no shrinking, since the
 # failing example is printed as it is and a shrink re-runs commands for minutes.
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
@@ -299,6 +321,9 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(Healt
 @FUZZ
 @given(kind=st.sampled_from(sorted(FORMATS)), damage=st.sampled_from(BYTE_DAMAGE),
        where=st.floats(0, 0.999), data=st.binary(min_size=0, max_size=200))
+@example(kind="trace", damage="raw member", where=0.0, data=b"")       # topk_ids not .npy
+@example(kind="profile", damage="raw member", where=0.0, data=b"")
+@example(kind="vllm_npz", damage="raw member", where=0.0, data=b"")
 def test_damaged_bytes_never_crash(kind, damage, where, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -316,6 +341,11 @@ def test_damaged_bytes_never_crash(kind, damage, where, data):
 @FUZZ
 @given(kind=st.sampled_from(sorted(FORMATS)), key=st.integers(0, 200),
        value=st.integers(0, 200))
+# The trace's topk_weights (key 4) narrower, wider, of strings, of one layer (issue 17).
+@example(kind="trace", key=4, value=14)
+@example(kind="trace", key=4, value=15)
+@example(kind="trace", key=4, value=1)
+@example(kind="trace", key=4, value=13)
 def test_bad_values_never_crash(kind, key, value):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

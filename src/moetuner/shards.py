@@ -30,7 +30,13 @@ from moetuner.profile import (
     half_cut,
     native_ids,
 )
-from moetuner.trace import Trace, read_npz_sequences, select_sequences, validate_sequences
+from moetuner.trace import (
+    Trace,
+    check_weights_header,
+    read_npz_sequences,
+    select_sequences,
+    validate_sequences,
+)
 
 # read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
 RowReader = Callable[[int], np.ndarray]
@@ -105,10 +111,14 @@ def stream_canonical_profile(
         if "topk_ids" not in data.files:
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
         shape, fortran, dtype = _npy_member_header(data.zip, "topk_ids.npy")
+        weights = (_npy_member_header(data.zip, "topk_weights.npy")
+                   if "topk_weights" in data.files else None)
         seq_lens, labels, stored_e = read_npz_sequences(data, path)
     if len(shape) != 3 or not np.issubdtype(dtype, np.integer) or fortran:
         raise InputError(path, "topk_ids", "an integer C-order array [tokens, layers, k]",
                          f"{dtype} {list(shape)}")
+    if weights is not None:
+        check_weights_header(path, shape, weights[0], weights[2])
     read_rows, close = _npz_rows(path, shape, dtype)
     try:
         return _profile_rows(read_rows, shape, seq_lens, labels, stored_e, select, drop,

@@ -33,6 +33,7 @@ from moetuner.cli.options import (
     StepTokens,
     Window,
     cluster_from_flags,
+    no_tokens,
 )
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
@@ -108,8 +109,7 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
         raise InputError("PLACEMENT", "placements", "at least one placement file")
     events = read_trace(trace, select or (), drop or ())
     if not events.num_tokens:
-        raise InputError(trace, "topk_ids", "tokens to replay (the file or selection holds "
-                         "none)", 0)
+        raise no_tokens(str(trace), select, drop, "topk_ids")
     cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
                                  nodes, gpu, intra_bw, inter_bw)
     if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:

@@ -57,6 +57,7 @@ def export_command(
     A placement the engine would load wrongly (two replicas of one expert on one GPU for
     SGLang with an a2a backend or vLLM-Ascend) is refused, naming the layer, GPU and expert.
     """
+    check_outputs([output], [source])  # first: '' or a folder has no sidecar name
     check_outputs(engine_outputs(fmt, output), [source])
     spec = get_model(model) if model else None
     if fmt == "sglang-count":

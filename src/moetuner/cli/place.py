@@ -19,6 +19,7 @@ from moetuner.cli.options import (
     Nodes,
     Select,
     cluster_from_flags,
+    no_tokens,
     profile_with_progress,
 )
 from moetuner.errors import InputError
@@ -125,8 +126,7 @@ def place_command(
               "concurrency": params.get("concurrency")} if uses_steps(method) else {})
     profiles = workload_profiles(sources, split_by, select, drop, **steps)
     if not profiles or not all(p.load.any() for p in profiles):
-        raise InputError(", ".join(map(str, sources)), "tokens",
-                         "routed tokens in every workload (the selection left none)", 0)
+        raise no_tokens(", ".join(map(str, sources)), select, drop, "tokens")
     if weight is None and split_by is not None:
         weight = [p.tokens for p in profiles]
     workload = Workload(tuple(profiles), None if weight is None else tuple(weight),
