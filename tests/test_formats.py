@@ -4,6 +4,7 @@ file of the wrong kind."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,41 @@ def test_content_rules():
     assert is_megatron_map(np.array([[0, 0, 1, 1], [1, 0, 1, 0]]))
     assert not is_megatron_map(np.array([[0, 2, 1], [1, 2, 0]]))   # G = 3 = row length
     assert not is_megatron_map(np.zeros((2000, 4), dtype=np.int64))  # too many rows
+
+
+def test_evaluate_says_held_out_only_when_the_placement_was_profiled_elsewhere(
+        tmp_path, capsys):
+    """Profiled on set0, evaluated on set1: held-out; on set0 or profiled on the whole file:
+    in-sample; an engine file without provenance: neither."""
+    trace = tmp_path / "trace.npz"
+    random_trace(np.random.default_rng(2), 300, 24, 32, 4, sequences=6).save(trace)
+    placements = {}
+    for name, selection in (("part", ["--select", "seq_dataset=set0"]), ("whole", [])):
+        placements[name] = tmp_path / f"{name}.json"
+        assert run(["place", str(trace), *selection, "--gpus", "4", "--method", "linear",
+                    "-o", str(placements[name])]) == 0
+    engine = tmp_path / "engine.json"
+    assert run(["export", str(placements["part"]), "--format", "vllm-ascend",
+                "-o", str(engine)]) == 0
+    capsys.readouterr()
+
+    def header(*names, select="seq_dataset=set1"):
+        assert run(["evaluate", *map(str, names), "--trace", str(trace), "--select", select,
+                    "--model", "gpt-oss-20b", "--exec", "return", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        return data["title"], data["sample"]
+
+    assert header(placements["part"]) == ("MoE layers on the held-out trace",
+                                          {"part": "held-out"})
+    assert header(placements["part"], select="seq_dataset=set0") == (
+        "MoE layers on the profiled trace (in-sample for part: figures flatter them)",
+        {"part": "in-sample"})
+    assert header(placements["part"], placements["whole"])[1] == {
+        "part": "held-out", "whole": "in-sample"}
+    assert header(placements["part"], engine) == (
+        "MoE layers on the evaluation trace", {"part": "held-out", "engine": "unknown"})
+    out = tmp_path / "report"
+    assert run(["report", str(placements["whole"]), "--trace", str(trace), "--model",
+                "gpt-oss-20b", "--exec", "return", "-o", str(out)]) == 0
+    assert ("<h2>MoE layers on the profiled trace (in-sample for whole: figures flatter "
+            "them)</h2>") in (out / "index.html").read_text()

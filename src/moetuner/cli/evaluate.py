@@ -1,4 +1,4 @@
-"""``moetuner evaluate``: replay a held-out trace through placements and compare them."""
+"""``moetuner evaluate``: replay a trace through placements and compare them."""
 
 from __future__ import annotations
 
@@ -75,6 +75,39 @@ class EvaluationInputs:
                     f"{self.coefficients.tokens_per_gpu_batch:g} tokens per GPU")
         return f"{self.steps.description} ({self.steps.num_steps} steps)"
 
+    def sample(self) -> dict[str, str]:
+        """Per placement, whether the trace is ``in-sample`` (its profile's provenance names
+        this trace file with the same selection, or with none), ``held-out`` (profiled on
+        other files or selections) or ``unknown`` (no provenance: an engine file)."""
+        here = Path(self.trace.source).resolve()
+        sample = {}
+        for name, placement in self.placements.items():
+            profile = placement.metadata.get("profile") if isinstance(
+                placement.metadata, dict) else None
+            sources = [entry for entry in profile if isinstance(entry, dict)] \
+                if isinstance(profile, list) else []
+            if not sources:
+                sample[name] = "unknown"
+            elif any(Path(str(entry.get("source"))).resolve() == here
+                     and entry.get("selection") in ("all", self.trace.selection)
+                     for entry in sources):
+                sample[name] = "in-sample"
+            else:
+                sample[name] = "held-out"
+        return sample
+
+    def title(self) -> str:
+        """'held-out' only when every placement was profiled elsewhere; in-sample names the
+        placements whose profile holds this trace."""
+        sample = self.sample()
+        inside = [name for name, kind in sample.items() if kind == "in-sample"]
+        if inside:
+            return (f"MoE layers on the profiled trace (in-sample for {', '.join(inside)}: "
+                    "figures flatter them)")
+        if all(kind == "held-out" for kind in sample.values()):
+            return "MoE layers on the held-out trace"
+        return "MoE layers on the evaluation trace"
+
     def header(self) -> dict:
         online = None if self.online is None else {"name": self.online.name,
                                                    "window": self.online.window,
@@ -84,7 +117,8 @@ class EvaluationInputs:
                 "topk_order": "ordered" if self.trace.ordered else "unordered",
                 "model": self.model.name, "cluster": self.cluster.to_dict(),
                 "batching": self.describe_steps(), "online": online,
-                "coefficients": self.coefficients.to_dict()}
+                "coefficients": self.coefficients.to_dict(), "title": self.title(),
+                "sample": self.sample()}
 
 
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
@@ -132,9 +166,10 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     )
 
 
-def comparison_table(rows: list[dict]) -> Table:
+def comparison_table(rows: list[dict], title: str = "MoE layers on the evaluation trace"
+                     ) -> Table:
     """The comparison as a rich table (one row per placement and execution model)."""
-    table = Table(title="MoE layers on the held-out trace")
+    table = Table(title=title)
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
     online = any("experts_moved" in row for row in rows)
@@ -193,7 +228,7 @@ def evaluate_command(
         print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
         return
     # Wide enough for the table when the output is not a terminal (rich assumes 80 columns).
-    Console(width=max(console.width, 160)).print(comparison_table(rows))
+    Console(width=max(console.width, 160)).print(comparison_table(rows, inputs.title()))
     console.print(f"{inputs.trace.num_tokens} tokens of {inputs.trace.source} "
                   f"({inputs.trace.selection}); {inputs.model.name} on "
                   f"{inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} in "
