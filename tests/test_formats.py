@@ -53,6 +53,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
                 "--exec", "return", "--workers", "1", "--model", "gpt-oss-20b", "-o",
                 str(sweep)]) == 0
     paths["sweep-point"] = next((sweep / "points").glob("*.json"))
+    paths["sweep-table"] = sweep / "sweep.csv"
     return paths
 
 
@@ -61,7 +62,7 @@ EXPECTED_KIND = {
     "sglang": "sglang-placement", "vllm": "vllm-placement",
     "vllm-ascend": "vllm-ascend-placement", "megatron": "megatron-placement",
     "sglang-count": "sglang-count", "sidecar": "sglang-sidecar",
-    "calibration": "calibration", "sweep-point": "sweep-point",
+    "calibration": "calibration", "sweep-point": "sweep-point", "sweep-table": "sweep-table",
 }
 
 
@@ -178,8 +179,8 @@ def test_unknown_and_missing_files(tmp_path, capsys):
     assert run(["info", str(other)]) == 2
     assert capsys.readouterr().err == (
         f"error: {other}: file: expected a file moetuner reads or writes: a trace, a profile, "
-        "a placement (moetuner, SGLang, vLLM, vLLM-Ascend, Megatron), a calibration or a "
-        "sweep point\n")
+        "a placement (moetuner, SGLang, vLLM, vLLM-Ascend, Megatron), a calibration, a "
+        "sweep point or table\n")
     with pytest.raises(InputError, match="an existing file"):
         identify(tmp_path / "missing.json")
 

@@ -77,9 +77,10 @@ KINDS = {kind.name: kind for kind in (
     FileKind("sglang-sidecar", OTHER, "the sidecar of an SGLang placement (.meta.json)"),
     FileKind("calibration", OTHER, "a cost-model calibration JSON (moetuner calibrate)"),
     FileKind("sweep-point", OTHER, "a sweep point (moetuner sweep's points/*.json)"),
+    FileKind("sweep-table", OTHER, "a sweep table (moetuner sweep's sweep.csv)"),
 )}
 EXPECTED = ("a file moetuner reads or writes: a trace, a profile, a placement (moetuner, "
-            "SGLang, vLLM, vLLM-Ascend, Megatron), a calibration or a sweep point")
+            "SGLang, vLLM, vLLM-Ascend, Megatron), a calibration, a sweep point or table")
 
 
 def covers_ids(table: np.ndarray) -> bool:
@@ -164,7 +165,9 @@ def identify(path: str | os.PathLike, expected: str = EXPECTED) -> FileKind:
     elif readers.is_vllm_jsonl(path):
         name = "vllm-jsonl"
     elif path.suffix == ".csv" and path.is_file():
-        name = "loads"
+        with path.open(errors="replace") as handle:
+            header = handle.readline().strip().split(",")
+        name = "sweep-table" if {"method", "speedup_vs_linear"} <= set(header) else "loads"
     elif path.suffix == ".json" and path.is_file():
         name = _json_kind(read_json(path, "a JSON file moetuner reads"))
     if name is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -104,7 +105,15 @@ def show_profile(path: Path) -> None:
 
 
 def show_other(path: Path, name: str) -> None:
-    """A calibration, a sweep point or an SGLang sidecar: the fields that matter."""
+    """A calibration, a sweep point or table, or an SGLang sidecar: the fields that
+    matter."""
+    if name == "sweep-table":
+        with path.open(newline="", errors="replace") as handle:
+            rows = list(csv.DictReader(handle))
+        _say(f"  {len(rows)} points: methods "
+             f"{', '.join(sorted({row.get('method') or '?' for row in rows}))}; GPUs "
+             f"{', '.join(sorted({row.get('gpus') or '?' for row in rows}, key=str))}")
+        return
     data = read_json(path, "a JSON object")
     if name == "calibration":
         provenance = data.get("provenance")
