@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moetuner.costmodel import CostCoefficients
 from moetuner.errors import InputError
 from moetuner.export import (
     SIDECAR_FORMAT,
@@ -104,6 +105,7 @@ def is_megatron_map(table: np.ndarray) -> bool:
 
 
 def _json_kind(data: object) -> str | None:
+    """The format name of a parsed JSON file, or None when it is none of moetuner's."""
     if isinstance(data, dict):
         if data.get("format") == PLACEMENT_FORMAT:
             return "placement"
@@ -117,8 +119,6 @@ def _json_kind(data: object) -> str | None:
             return "vllm-ascend-placement"
         if {"point", "row"} <= set(data):
             return "sweep-point"
-        from moetuner.costmodel import CostCoefficients
-
         if data and set(data) <= {field.name for field in fields(CostCoefficients)}:
             return "calibration"
         return None
@@ -158,8 +158,6 @@ def identify(path: str | os.PathLike, expected: str = EXPECTED) -> FileKind:
                 else "exflow"
         elif readers.is_loads(path):
             name = "loads"
-        elif header.ndim == 2 and np.issubdtype(header.dtype, np.integer):
-            name = "megatron-placement"  # an integer map named *load*: not a trace either
     elif path.suffix == ".pt" and path.is_file():
         name = "sglang-stat" if readers.is_sglang_stat(path) else "sglang-per-token"
     elif readers.is_vllm_jsonl(path):
