@@ -15,7 +15,7 @@ from moetuner.cli import run
 from moetuner.costmodel import CostCoefficients
 from moetuner.errors import InputError
 from moetuner.formats import KINDS, covers_ids, identify, is_megatron_map, read_placement
-from moetuner.placement import load_placement
+from moetuner.placement import Placement, load_placement
 
 DESCRIPTION = {name: kind.description for name, kind in KINDS.items()}
 
@@ -233,3 +233,16 @@ def test_evaluate_says_held_out_only_when_the_placement_was_profiled_elsewhere(
                 "gpt-oss-20b", "--exec", "return", "-o", str(out)]) == 0
     assert ("<h2>MoE layers on the profiled trace (in-sample for whole: figures flatter "
             "them)</h2>") in (out / "index.html").read_text()
+
+
+def test_info_prints_a_gap_of_0_8275_as_82_75_percent(tmp_path, capsys):
+    """The solve record as place prints it (objective and bound to 6 digits, the gap in %)."""
+    placement = Placement(phy2log=np.array([[0, 1, 2, 3]]), num_gpus=2, num_experts=4,
+                          metadata={"method": "moetuner", "record": {
+                              "status": "time_limit", "objective": 12.5, "bound": 2.156,
+                              "gap": 0.8275, "solve_time": 20.04}})
+    path = tmp_path / "p.json"
+    placement.save(path)
+    assert run(["info", str(path)]) == 0
+    assert ("method moetuner, status time_limit, objective 12.5, bound 2.156, gap 82.75%, "
+            "solve time 20.04 s") in capsys.readouterr().out

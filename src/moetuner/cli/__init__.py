@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,6 +42,14 @@ def make_console(stderr: bool = False) -> Console:
 
 console = make_console()
 err_console = make_console(stderr=True)
+
+
+def number(value: object, spec: str = ".6g") -> str:
+    """A solver figure as every command prints it (6 digits); '-' for None and anything that
+    is not a finite number (a placement's metadata may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return f"{value:{spec}}"
 
 
 def percent(share: float) -> str:

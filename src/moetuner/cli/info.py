@@ -11,7 +11,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moetuner.cli import command, console, percent
+from moetuner.cli import command, console, number, percent
 from moetuner.cli.options import profile_with_progress
 from moetuner.formats import PLACEMENT, PROFILE, TRACE, identify, read_placement
 from moetuner.inputs import expand_shards, read_trace
@@ -50,13 +50,6 @@ def _say(text: str) -> None:
     console.print(text, markup=False, highlight=False)
 
 
-def _number(value: object, digits: int = 6) -> str:
-    """A metadata number as text; '-' for None and anything that is not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-"
-    return _fmt(value, digits) if isinstance(value, float) else str(value)
-
-
 def show_placement(placement: Placement) -> None:
     """The placement's shape, solve record and the first layers' experts per GPU."""
     meta = placement.metadata if isinstance(placement.metadata, dict) else {}
@@ -66,10 +59,10 @@ def show_placement(placement: Placement) -> None:
     _say(f"{placement.num_layers} MoE layers, E = {placement.num_experts}, "
          f"G = {placement.num_gpus}, {placement.slots_per_gpu} slots per GPU "
          f"({placement.num_redundant} redundant)\nmethod {meta.get('method', '?')}, status "
-         f"{record.get('status', '?')}, objective {_number(record.get('objective'))}, bound "
-         f"{_number(record.get('bound'))}, gap "
+         f"{record.get('status', '?')}, objective {number(record.get('objective'))}, bound "
+         f"{number(record.get('bound'))}, gap "
          f"{percent(gap) if isinstance(gap, int | float) else '-'}, solve time "
-         f"{_number(record.get('solve_time'), 3)} s")
+         f"{number(record.get('solve_time'), '.2f')} s")
     table = Table(title="experts per GPU (first layers)")
     table.add_column("layer", justify="right")
     for gpu in range(placement.num_gpus):
@@ -129,7 +122,7 @@ def show_other(path: Path, name: str) -> None:
         _say("  point: " + (", ".join(f"{k} {v}" for k, v in point.items())
                            if isinstance(point, dict) else str(point)))
         if isinstance(row, dict):
-            _say("  row: " + ", ".join(f"{k} {_number(v) if isinstance(v, float) else v}"
+            _say("  row: " + ", ".join(f"{k} {number(v) if isinstance(v, float) else v}"
                                       for k, v in row.items()))
     else:
         moe = data.get("moe_layers")

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moetuner.cli import command, console, percent
+from moetuner.cli import command, console, number, percent
 from moetuner.cli.options import (
     Drop,
     GpuName,
@@ -52,13 +52,9 @@ def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
     """The short table ``place`` prints."""
     table = Table("method", "status", "objective", "bound", "gap", "solve s",
                   "max/mean GPU load (mean, worst layer)")
-
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.6g}"
-
     table.add_row(record.method, record.status, number(record.objective), number(record.bound),
                   "-" if record.gap is None else percent(record.gap),
-                  f"{record.solve_time:.2f}", f"{ratio.mean():.3f}, {ratio.max():.3f}")
+                  number(record.solve_time, ".2f"), f"{ratio.mean():.3f}, {ratio.max():.3f}")
     return table
 
 
