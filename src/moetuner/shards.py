@@ -35,6 +35,7 @@ from moetuner.trace import (
     check_weights_header,
     read_npz_sequences,
     select_sequences,
+    sort_by_weight,
     validate_sequences,
 )
 
@@ -73,10 +74,12 @@ def _npy_file_header(path: Path) -> np.ndarray:
         raise InputError(path, "file", "a numpy .npy array", exc) from None
 
 
-def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowReader, Callable]:
-    """A sequential row reader over ``topk_ids`` in the zip, and the function closing it."""
+def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, name: str = "topk_ids"
+              ) -> tuple[RowReader, Callable]:
+    """A sequential row reader over the array ``name`` in the zip, and the function closing
+    it."""
     archive = zipfile.ZipFile(path)
-    handle = archive.open("topk_ids.npy")
+    handle = archive.open(f"{name}.npy")
     version = np.lib.format.read_magic(handle)
     (np.lib.format.read_array_header_1_0 if version == (1, 0)
      else np.lib.format.read_array_header_2_0)(handle)
@@ -86,9 +89,9 @@ def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowR
         try:
             data = handle.read(n * row_bytes)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise InputError(path, "topk_ids", "a readable array", exc) from None
+            raise InputError(path, name, "a readable array", exc) from None
         if len(data) != n * row_bytes:
-            raise InputError(path, "topk_ids", f"{shape[0]} rows", "a truncated array")
+            raise InputError(path, name, f"{shape[0]} rows", "a truncated array")
         return np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
 
     def close() -> None:
@@ -96,6 +99,20 @@ def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowR
         archive.close()
 
     return read_rows, close
+
+
+def _weight_sorted_rows(path: Path, read_ids: RowReader, read_weights: RowReader) -> RowReader:
+    """Rows of ``topk_ids`` with each token's columns sorted by its ``topk_weights`` (highest
+    first), as ``load_trace`` sorts a whole trace, so that streamed and in-memory profiles
+    agree on each token's primary expert."""
+
+    def read_rows(n: int) -> np.ndarray:
+        ids, weights = read_ids(n), read_weights(n)
+        if not np.isfinite(weights).all():
+            raise InputError(path, "topk_weights", "finite router probabilities", "NaN or inf")
+        return sort_by_weight(ids, weights)[0]
+
+    return read_rows
 
 
 def stream_canonical_profile(
@@ -117,14 +134,21 @@ def stream_canonical_profile(
     if len(shape) != 3 or not np.issubdtype(dtype, np.integer) or fortran:
         raise InputError(path, "topk_ids", "an integer C-order array [tokens, layers, k]",
                          f"{dtype} {list(shape)}")
+    read_rows, close = _npz_rows(path, shape, dtype)
+    closers = [close]
     if weights is not None:
         check_weights_header(path, shape, weights[0], weights[2])
-    read_rows, close = _npz_rows(path, shape, dtype)
+        if weights[1]:
+            raise InputError(path, "topk_weights", "a C-order array", "Fortran order")
+        read_weights, close_weights = _npz_rows(path, shape, weights[2], "topk_weights")
+        closers.append(close_weights)
+        read_rows = _weight_sorted_rows(path, read_rows, read_weights)
     try:
         return _profile_rows(read_rows, shape, seq_lens, labels, stored_e, select, drop,
                              str(path), chunk_tokens, progress)
     finally:
-        close()
+        for close in closers:
+            close()
 
 
 def stream_exflow_profile(
