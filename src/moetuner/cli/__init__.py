@@ -6,7 +6,6 @@ Each command lives in its own module of this package and registers itself on ``a
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import math
 import os
 import sys
@@ -59,6 +58,8 @@ def percent(share: float) -> str:
 
 def version() -> str:
     """The installed moetuner's version ("unknown" when run from sources not installed)."""
+    import importlib.metadata  # 25 ms: only for --version
+
     try:
         return importlib.metadata.version("moetuner")
     except importlib.metadata.PackageNotFoundError:
