@@ -117,6 +117,8 @@ def _formats() -> dict[str, tuple[str, object]]:
                 {"device_id": g, "device_expert": row[g * 2:(g + 1) * 2]} for g in range(G)]}
             for layer, row in enumerate(PLACEMENT.phy2log.tolist())]}),
         "megatron": ("megatron.npy", PLACEMENT.replicas_on_gpu.argmax(axis=2)),
+        "sglang_count": ("count.json", {"logical_count": [
+            [0] * E, *profile_trace(TRACE).load.tolist()]}),      # dense layer 0, then MoE
         "prompts": ("prompts.jsonl", '{"text": "hello", "dataset": "a"}\n{"prompt": "x"}\n'),
     }
     if torch is not None:
@@ -252,6 +254,7 @@ def _commands(kind: str, bad: str, good: dict[str, str], out: Path) -> list[list
         "loads_json": ["profile", "info", "place", "synth", "export-count"],
         "loads_csv": ["profile", "info", "place"], "loads_npy": ["profile", "info", "place"],
         "sglang_stat": ["profile", "info", "place", "export-count"],
+        "sglang_count": ["profile", "info", "place", "synth", "export-count"],
         "placement": ["info", "evaluate-placement", "export"],
         "sglang_json": ["info", "evaluate-placement", "export"],
         "vllm_json": ["info", "evaluate-placement", "export"],

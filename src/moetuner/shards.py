@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import open_npz
+from moetuner.io import load_npy, open_npz
 from moetuner.profile import (
     _COUNT_FIELDS,
     Profile,
@@ -64,14 +64,6 @@ def npz_ids_shape(path: Path) -> tuple[int, ...] | None:
             return _npy_member_header(archive, "topk_ids.npy")[0]
     except (OSError, ValueError, zipfile.BadZipFile):
         return None
-
-
-def _npy_file_header(path: Path) -> np.ndarray:
-    """The memory-mapped ``.npy`` at ``path`` (its shape and dtype, no data read)."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(path, "file", "a numpy .npy array", exc) from None
 
 
 def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, name: str = "topk_ids"
@@ -178,7 +170,8 @@ def vllm_requests(path: Path) -> tuple[list[str], list[tuple[int, ...]], list[np
     shapes and dtypes, a function reading request i, and one closing the file."""
     if path.is_dir():
         files = sorted(path.glob("*.npy"))
-        headers = [_npy_file_header(f) for f in files]
+        headers = [load_npy(f, "a numpy .npy array (vLLM routed_experts)", header_only=True)
+                   for f in files]
 
         def request(index: int) -> np.ndarray:
             return np.load(files[index], allow_pickle=False)
