@@ -72,10 +72,9 @@ def test_every_written_file_is_identified_and_described_by_info(files, key, caps
     assert identify(path).name == EXPECTED_KIND[key]
     assert run(["info", str(path)]) == 0
     out = capsys.readouterr().out
+    assert out.startswith(f"{path}: {DESCRIPTION[EXPECTED_KIND[key]]}\n")
     if key == "trace":
-        assert out.startswith(f"trace {path}: 400 tokens, 3 MoE layers, 8 experts, top-2")
-    else:
-        assert out.startswith(f"{path}: {DESCRIPTION[EXPECTED_KIND[key]]}\n")
+        assert f"\ntrace {path}: 400 tokens, 3 MoE layers, 8 experts, top-2, 8 sequences" in out
 
 
 @pytest.mark.parametrize("key", ["placement", "sglang", "vllm-ascend"])
@@ -246,3 +245,34 @@ def test_info_prints_a_gap_of_0_8275_as_82_75_percent(tmp_path, capsys):
     assert run(["info", str(path)]) == 0
     assert ("method moetuner, status time_limit, objective 12.5, bound 2.156, gap 82.75%, "
             "solve time 20.04 s") in capsys.readouterr().out
+
+
+IDS = np.array([[[0, 1], [2, 3]], [[1, 0], [2, 0]], [[3, 2], [3, 1]], [[2, 0], [1, 0]]])
+
+
+@pytest.mark.parametrize("name, write, kind", [
+    ("ex.npy", lambda p: np.save(p, IDS[:, :, 0]), "exflow"),
+    ("loads.npy", lambda p: np.save(p, np.array([[1.5, 2.0], [3.0, 4.0]])), "loads"),
+    ("loads.json", lambda p: p.write_text("[[3, 1, 2, 2], [1, 1, 1, 5]]"), "loads"),
+    ("loads.csv", lambda p: p.write_text("3,1,2,2\n1,1,1,5\n"), "loads"),
+    ("req.jsonl", lambda p: p.write_text(json.dumps({"routed_experts": IDS.tolist()})),
+     "vllm-jsonl"),
+    ("req.npz", lambda p: np.savez(p, r0=IDS, r1=IDS[:2]), "vllm-requests"),
+    ("dir", lambda p: (p.mkdir(), np.save(p / "r0.npy", IDS)), "vllm-requests"),
+])
+def test_other_tools_files_are_identified(tmp_path, capsys, name, write, kind):
+    path = tmp_path / name
+    write(path)
+    assert identify(path).name == kind
+    assert run(["info", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: {DESCRIPTION[kind]}\n")
+
+
+def test_sglang_recorder_dumps_are_identified(tmp_path):
+    torch = pytest.importorskip("torch", reason="SGLang dumps are torch.save'd (moetuner[torch])")
+    stat, per_token = tmp_path / "stat.pt", tmp_path / "tokens.pt"
+    torch.save({"logical_count": torch.ones(2, 3, 4, dtype=torch.int64)}, stat)
+    torch.save({"records": [{"topk_ids_of_layer": torch.tensor(IDS.transpose(1, 0, 2))}],
+                "last_physical_to_logical_map": torch.tensor([[0, 1, 2, 3]] * 2)}, per_token)
+    assert identify(stat).name == "sglang-stat"
+    assert identify(per_token).name == "sglang-per-token"

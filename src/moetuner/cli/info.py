@@ -146,8 +146,7 @@ def info_command(
         show_profile(file)
         return
     kind = identify(file)
-    if kind.role != TRACE:
-        _say(f"{file}: {kind.description}")
+    _say(f"{file}: {kind.description}")
     if kind.role == PLACEMENT:
         if kind.name == "vllm-placement":  # no GPU count: shown as the moetuner layout of G=1
             placement = read_placement(file, num_gpus=1)
