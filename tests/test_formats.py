@@ -276,3 +276,16 @@ def test_sglang_recorder_dumps_are_identified(tmp_path):
                 "last_physical_to_logical_map": torch.tensor([[0, 1, 2, 3]] * 2)}, per_token)
     assert identify(stat).name == "sglang-stat"
     assert identify(per_token).name == "sglang-per-token"
+
+
+def test_info_on_a_calibration_a_sweep_point_and_a_sidecar(files, capsys):
+    assert run(["info", str(files["calibration"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("  tokens_per_gpu_batch ") and "compute_efficiency 0.4," in out[1]
+    assert "None" not in out[1] and out[2].startswith("  measured on cpu ")
+    assert run(["info", str(files["sweep-point"])]) == 0
+    out = capsys.readouterr().out
+    assert "  point: gpus 4, nodes 1, redundant 0, gpu h100, method linear" in out
+    assert run(["info", str(files["sidecar"])]) == 0
+    assert "  4 hidden layers, 3 MoE layers, E = 8, G = 4, 4 redundant" in \
+        capsys.readouterr().out

@@ -111,8 +111,8 @@ def show_other(path: Path, name: str) -> None:
     if name == "calibration":
         provenance = data.get("provenance")
         provenance = provenance if isinstance(provenance, dict) else {}
-        _say("  " + ", ".join(f"{key} {value}" for key, value in data.items()
-                              if key != "provenance"))
+        _say("  " + ", ".join(f"{key} {number(value, '.4g')}" for key, value in data.items()
+                              if key != "provenance" and value is not None))
         if provenance:
             _say(f"  measured on {provenance.get('device', '?')} "
                  f"({provenance.get('device_name', '?')}) on {provenance.get('date', '?')}; "
