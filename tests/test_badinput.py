@@ -432,3 +432,15 @@ def test_a_one_layer_trace_warns_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "profiled 4 tokens, 1 layers x 4 experts, top-2" in out
     assert "nan" not in out.lower() and "MI mean" not in out
+
+
+def test_a_foreign_pickle_as_pt_is_one_line(tmp_path, capsys):
+    pytest.importorskip("torch", reason="reading .pt dumps needs torch (moetuner[torch])")
+    path = tmp_path / "dump.pt"
+    path.write_bytes(pickle.dumps({"topk_ids": [1, 2], "x": object.__class__}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's pickle-protocol warning is not shown
+        err = _fails(["info", str(path)], capsys, str(path))
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: file: expected a torch.save'd SGLang recorder dump, "
+                          "got UnpicklingError: ")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import int_array, load_npy, npz_names, parse_json, read_npz
+from moetuner.io import failure_reason, int_array, load_npy, npz_names, parse_json, read_npz
 from moetuner.profile import Profile
 from moetuner.trace import Trace, largest_id
 
@@ -50,9 +50,12 @@ def _load_pt(path: str, mtime_ns: int) -> object:
     except ImportError:
         raise InputError(path, "file", TORCH_HINT) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. on a foreign pickle: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or foreign file
-        raise InputError(path, "file", "a torch.save'd SGLang recorder dump", exc) from None
+        raise InputError(path, "file", "a torch.save'd SGLang recorder dump",
+                         failure_reason(exc)) from None
 
 
 def load_pt(path: Path) -> dict:
