@@ -24,7 +24,7 @@ import numpy as np
 from moetuner import readers
 from moetuner.errors import InputError
 from moetuner.formats import PROFILE, TRACE, identify, refuse_unless
-from moetuner.io import failure_reason, load_npy, npz_names
+from moetuner.io import failure_reason, load_npy
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import (
@@ -41,8 +41,7 @@ from moetuner.trace import Trace, load_trace
 TRACE_READERS: dict[str, Callable[[Path, Sequence[str], Sequence[str]], Trace]] = {
     "trace": load_trace,
     "sglang-per-token": readers.read_sglang_per_token,
-    "vllm-requests": lambda p, s, d: (readers.read_vllm_dir if p.is_dir()
-                                      else readers.read_vllm_npz)(p, s, d),
+    "vllm-requests": readers.read_vllm_requests,
     "vllm-jsonl": readers.read_vllm_jsonl,
     "exflow": readers.read_exflow,
 }
@@ -52,17 +51,12 @@ PROFILE_READERS: dict[str, Callable[[Path], Profile]] = {
     "sglang-count": readers.read_sglang_count,
     "loads": readers.read_loads,
 }
+# Trace formats profiled chunk by chunk, without holding the trace in memory.
+STREAMED = {"trace": stream_canonical_profile, "exflow": stream_exflow_profile,
+            "vllm-requests": stream_vllm_profile}
 TRACE_EXPECTED = ("a per-token routing trace (an .npz with topk_ids [tokens, layers, k], or "
                   "an engine dump moetuner reads)")
 PROFILE_EXPECTED = "a routing trace or profile (.npz with load [layers, experts])"
-
-
-def npz_keys(path: Path) -> list[str]:
-    """Names of the arrays in an ``.npz`` (empty when it is not one; an ``InputError`` when
-    a file named ``.npz`` is damaged)."""
-    if path.suffix != ".npz" or not path.is_file():
-        return []
-    return npz_names(path)
 
 
 def expand_shards(path: str | os.PathLike) -> list[Path]:
@@ -166,10 +160,7 @@ def profile_shard(
     """
     path = Path(path)
     kind = refuse_unless(path, (TRACE, PROFILE), PROFILE_EXPECTED)
-    stream = (stream_canonical_profile if "topk_ids" in npz_keys(path)
-              else stream_exflow_profile if readers.is_exflow(path)
-              else stream_vllm_profile if readers.is_vllm_dir(path) or readers.is_vllm_npz(path)
-              else None)
+    stream = STREAMED.get(kind.name)
     if stream is not None:
         try:
             return stream(path, select, drop, chunk_tokens, progress)

@@ -218,6 +218,12 @@ def read_vllm_npz(path: Path, select: Sequence[str] = (), drop: Sequence[str] = 
     return _requests_trace(list(arrays.values()), list(arrays), path).select(select, drop)
 
 
+def read_vllm_requests(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()
+                       ) -> Trace:
+    """vLLM requests from a directory of ``.npy`` or one ``.npz``."""
+    return (read_vllm_dir if path.is_dir() else read_vllm_npz)(path, select, drop)
+
+
 def is_vllm_jsonl(path: Path) -> bool:
     if path.suffix != ".jsonl" or not path.is_file():
         return False
