@@ -3,8 +3,11 @@ lost or left behind."""
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import warnings
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -230,9 +233,9 @@ def test_empty_selection_and_zero_gpus_are_refused(tmp_path, capsys):
     trace = _trace_file(tmp_path)
     placement = _placement_file(tmp_path)
     _fails(["place", str(trace), "--select", "seq_dataset=zz", "--gpus", "2", "--method",
-            "linear", "-o", str(tmp_path / "p.json")], capsys, "tokens")
+            "linear", "-o", str(tmp_path / "p.json")], capsys, "--select", "tokens")
     _fails(["evaluate", str(placement), "--trace", str(trace), "--select", "seq_dataset=zz",
-            "--model", "gpt-oss-20b"], capsys, "tokens")
+            "--model", "gpt-oss-20b"], capsys, "--select", "tokens")
     _fails(["evaluate", str(placement), "--trace", str(trace), "--gpus", "0", "--model",
             "gpt-oss-20b"], capsys, "--gpus")
     assert not (tmp_path / "p.json").exists()
@@ -311,3 +314,139 @@ def test_an_unwritable_path_is_an_input_error_and_leaves_nothing(tmp_path):
         write_json(tmp_path / "out.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.json"]
     assert blocker.read_text() == "x" and not any((tmp_path / "out.json").iterdir())
+
+
+# ---------------------------------------------------------------- issue 17, item 13
+
+
+def _npz_with_raw_member(path):
+    """A zip like an .npz whose topk_ids member is not an .npy file (numpy hands it back as
+    bytes); the other members are proper .npy arrays."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("topk_ids", b"not an npy file")
+        for name, array in {"seq_lens": np.array([3, 1]), "seq_dataset": np.array(["a", "b"])
+                            }.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("command", ["info", "place", "profile", "evaluate", "report",
+                                     "synth", "export"])
+def test_an_npz_member_that_is_not_npy_is_refused(tmp_path, capsys, command):
+    bad = str(_npz_with_raw_member(tmp_path / "raw.npz"))
+    out = tmp_path / "out"
+    argv = {"info": ["info", bad],
+            "place": ["place", bad, "--gpus", "2", "--method", "linear", "-o", f"{out}.json"],
+            "profile": ["profile", bad, "-o", f"{out}.npz"],
+            "evaluate": ["evaluate", str(_placement_file(tmp_path)), "--trace", bad],
+            "report": ["report", str(_placement_file(tmp_path)), "--trace", bad, "-o",
+                       str(out)],
+            "synth": ["synth", "--like", bad, "--layers", "2", "--experts", "4", "--topk", "2",
+                      "--tokens", "10", "-o", f"{out}.npz"],
+            "export": ["export", bad, "--format", "sglang-count", "-o", f"{out}.json"],
+            }[command]
+    err = _fails(argv, capsys, bad, "topk_ids")
+    assert err == (f"error: {bad}: topk_ids: expected an .npy array member (as numpy's savez "
+                   "writes), got a member that is not an .npy file\n")
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "vllm-ascend", "megatron"])
+@pytest.mark.parametrize("output", ["", "."])
+def test_export_to_an_empty_path_is_refused(tmp_path, capsys, fmt, output, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    placement = _placement_file(tmp_path)
+    err = _fails(["export", str(placement), "--format", fmt, "-o", output], capsys, "-o")
+    assert err == "error: -o: path: expected a file path, got '.' (empty, or the current " \
+        "folder)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json"]
+
+
+@pytest.mark.parametrize("metadata", [{"record": "oops"}, {"record": [1, 2]},
+                                      {"record": {"gap": "x", "objective": [1]}}, {}])
+def test_info_on_placement_metadata_of_any_shape(tmp_path, capsys, metadata):
+    assert run(["info", str(_placement_file(tmp_path, metadata=metadata))]) == 0
+    out = capsys.readouterr().out
+    assert "method ?, status ?, objective -, bound -, gap -, solve time - s" in out
+
+
+@pytest.mark.parametrize("weights, got", [
+    (np.full((4, 2, 1), 0.5), "float64 [4, 2, 1]"),             # k = 1 beside k = 2
+    (np.full((4, 2, 3), 0.5), "float64 [4, 2, 3]"),             # k = 3
+    (np.full((4, 2, 2), "a"), "<U1 [4, 2, 2]"),                 # strings
+    (np.full((4, 2, 2), True), "bool [4, 2, 2]"),               # bools
+    (np.full((4, 1, 2), 0.5), "float64 [4, 1, 2]"),             # one layer short
+])
+@pytest.mark.parametrize("command", ["profile", "place", "synth", "export", "evaluate"])
+def test_topk_weights_must_match_topk_ids(tmp_path, capsys, weights, got, command):
+    trace = str(_trace_file(tmp_path, topk_weights=weights))
+    out = tmp_path / "out"
+    argv = {"profile": ["profile", trace, "-o", f"{out}.npz"],
+            "place": ["place", trace, "--gpus", "2", "--method", "linear", "-o", f"{out}.json"],
+            "synth": ["synth", "--like", trace, "--layers", "2", "--experts", "4", "--topk",
+                      "2", "--tokens", "10", "-o", f"{out}.npz"],
+            "export": ["export", trace, "--format", "sglang-count", "-o", f"{out}.json"],
+            "evaluate": ["evaluate", str(_placement_file(tmp_path)), "--trace", trace,
+                         "--model", "gpt-oss-20b"],
+            }[command]
+    err = _fails(argv, capsys, trace, "topk_weights")
+    assert err == (f"error: {trace}: topk_weights: expected numbers in the shape of topk_ids "
+                   f"[4, 2, 2], got {got}\n")
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("command", ["place", "profile", "evaluate", "synth", "report"])
+@pytest.mark.parametrize("flags, named", [
+    (["--select", "seq_dataset=zz"], "--select"),
+    (["--select", "seq_dataset=a", "--select", "seq_dataset=b"], "--select"),  # and: none
+    (["--drop", "seq_all"], "--drop"),
+    (["--select", "seq_dataset=zz", "--drop", "seq_all"], "--select/--drop"),
+])
+def test_a_selection_that_keeps_nothing_names_the_flag(tmp_path, capsys, command, flags,
+                                                       named):
+    trace = str(_trace_file(tmp_path, seq_all=np.array([True, True])))
+    out = tmp_path / "out"
+    argv = {"place": ["place", trace, "--gpus", "2", "--method", "linear", "-o", f"{out}.json"],
+            "profile": ["profile", trace, "-o", f"{out}.npz"],
+            "evaluate": ["evaluate", str(_placement_file(tmp_path)), "--trace", trace],
+            "synth": ["synth", "--like", trace, "--layers", "2", "--experts", "4", "--topk",
+                      "2", "--tokens", "10", "-o", f"{out}.npz"],
+            "report": ["report", str(_placement_file(tmp_path)), "--trace", trace, "-o",
+                       str(out)],
+            }[command]
+    err = _fails([*argv, *flags], capsys, named)
+    given = " ".join(f"{flags[i]} {flags[i + 1]}" for i in range(0, len(flags), 2))
+    assert err == (f"error: {named}: selection: expected a selection that keeps tokens of "
+                   f"{trace}, got none kept by {given}\n")
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_one_layer_trace_warns_nothing(tmp_path, capsys):
+    """One MoE layer has no consecutive pair: no mutual information, and no numpy warning
+    about the mean of an empty array."""
+    trace = str(_trace_file(tmp_path, topk_ids=IDS[:, :1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run(["profile", trace, "-o", str(tmp_path / "p.npz")]) == 0
+        assert run(["info", trace]) == 0
+        assert run(["synth", "--like", trace, "--layers", "1", "--experts", "4", "--topk", "2",
+                    "--tokens", "10", "-o", str(tmp_path / "s.npz")]) == 0
+        assert run(["place", trace, "--gpus", "2", "--method", "moetuner", "-o",
+                    str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "profiled 4 tokens, 1 layers x 4 experts, top-2" in out
+    assert "nan" not in out.lower() and "MI mean" not in out
+
+
+def test_a_foreign_pickle_as_pt_is_one_line(tmp_path, capsys):
+    pytest.importorskip("torch", reason="reading .pt dumps needs torch (moetuner[torch])")
+    path = tmp_path / "dump.pt"
+    path.write_bytes(pickle.dumps({"topk_ids": [1, 2], "x": object.__class__}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's pickle-protocol warning is not shown
+        err = _fails(["info", str(path)], capsys, str(path))
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: file: expected a torch.save'd SGLang recorder dump, "
+                          "got UnpicklingError: ")

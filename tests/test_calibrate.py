@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,6 +70,7 @@ def test_fit_coefficients_against_the_h100_preset():
 
 
 def test_calibrate_on_cpu_writes_a_loadable_file(tmp_path, capsys):
+    pytest.importorskip("torch", reason="calibrate times the FFN with torch (moetuner[torch])")
     out = tmp_path / "coeffs.json"
     assert run(["calibrate", "--model", "gpt-oss-20b", "--device", "cpu", "--scale", "0.01",
                 "--tokens", "1,4,16", "--experts", "2", "--repeats", "1", "-o", str(out)]) == 0
@@ -91,3 +95,20 @@ def test_provenance_must_be_an_object(tmp_path):
         load_coefficients(path)
     assert CostCoefficients.from_dict({"provenance": {"device": "cpu"}}).provenance == {
         "device": "cpu"}
+
+
+def test_calibrate_without_torch_is_one_line_and_exit_2(tmp_path):
+    """Without torch (simulated: ``sys.modules['torch'] = None`` makes ``import torch`` raise
+    ImportError) calibrate names the extra it needs, in one line, and writes nothing."""
+    out = tmp_path / "coeffs.json"
+    code = ("import sys; sys.modules['torch'] = None; from moetuner.cli import main; "
+            f"sys.argv = ['moetuner', 'calibrate', '--model', 'gpt-oss-20b', '-o', {str(out)!r}];"
+            " main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: calibrate: dependencies: expected torch to time the expert FFN (pip install "
+        "'moetuner[torch]'; torch==2.13.0 first for the CPU build)"]
+    assert not out.exists()

@@ -17,11 +17,12 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from moetuner.cli import run
@@ -60,6 +61,8 @@ BAD_ARRAYS: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
     ("flat", lambda a: a.reshape(-1)),
     ("extra axis", lambda a: a[..., None]),
     ("one layer", lambda a: a[:, :1] if a.ndim == 3 else a[:1]),
+    ("narrow k", lambda a: a[..., :1] if a.ndim == 3 else a[:, :1] if a.ndim == 2 else a),
+    ("wide k", lambda a: np.concatenate([a, a[..., :1]], axis=-1) if a.ndim >= 1 else a),
 ]
 BAD_TEXT = ["nan", "-1", "1e400", "99999999999999999999", '"3"', "2.25", "null", "[]", "x"]
 BAD_JSON: list[tuple[str, object]] = [
@@ -115,6 +118,8 @@ def _formats() -> dict[str, tuple[str, object]]:
                 {"device_id": g, "device_expert": row[g * 2:(g + 1) * 2]} for g in range(G)]}
             for layer, row in enumerate(PLACEMENT.phy2log.tolist())]}),
         "megatron": ("megatron.npy", PLACEMENT.replicas_on_gpu.argmax(axis=2)),
+        "sglang_count": ("count.json", {"logical_count": [
+            [0] * E, *profile_trace(TRACE).load.tolist()]}),      # dense layer 0, then MoE
         "prompts": ("prompts.jsonl", '{"text": "hello", "dataset": "a"}\n{"prompt": "x"}\n'),
     }
     if torch is not None:
@@ -181,7 +186,25 @@ def _damage_bytes(path: Path, kind: str, where: float, data: bytes) -> None:
         raw = raw[:cut] + b"\xff\xfe\x80" + raw[cut:]
     elif kind == "deep json":
         raw = b"[" * 100_000 + b"]" * 100_000
+    elif kind == "raw member":
+        raw = _raw_member(raw, where)
     target.write_bytes(raw)
+
+
+def _raw_member(raw: bytes, where: float) -> bytes:
+    """The zip ``raw`` (or a zip of ``raw``) with one member renamed without ``.npy``: numpy
+    then hands that member back as bytes, not an array."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        members = {"topk_ids.npy": raw}
+    chosen = int(where * len(members)) if members else 0
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (name, data) in enumerate(members.items()):
+            archive.writestr(name.removesuffix(".npy") if index == chosen else name, data)
+    return buffer.getvalue()
 
 
 def _damage_content(content: object, node_choice: int, value_choice: int) -> object:
@@ -232,6 +255,7 @@ def _commands(kind: str, bad: str, good: dict[str, str], out: Path) -> list[list
         "loads_json": ["profile", "info", "place", "synth", "export-count"],
         "loads_csv": ["profile", "info", "place"], "loads_npy": ["profile", "info", "place"],
         "sglang_stat": ["profile", "info", "place", "export-count"],
+        "sglang_count": ["profile", "info", "place", "synth", "export-count"],
         "placement": ["info", "evaluate-placement", "export"],
         "sglang_json": ["info", "evaluate-placement", "export"],
         "vllm_json": ["info", "evaluate-placement", "export"],
@@ -290,7 +314,8 @@ def _good_files(root: Path) -> dict[str, str]:
     return good
 
 
-BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json"]
+BYTE_DAMAGE = ["empty", "truncated", "bit flip", "random", "pickled", "non-utf8", "deep json",
+               "raw member"]
 # Bounded (the whole file runs in well under a minute on 2 cores); no shrinking, since the
 # failing example is printed as it is and a shrink re-runs commands for minutes.
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
@@ -300,6 +325,9 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(Healt
 @FUZZ
 @given(kind=st.sampled_from(sorted(FORMATS)), damage=st.sampled_from(BYTE_DAMAGE),
        where=st.floats(0, 0.999), data=st.binary(min_size=0, max_size=200))
+@example(kind="trace", damage="raw member", where=0.0, data=b"")       # topk_ids not .npy
+@example(kind="profile", damage="raw member", where=0.0, data=b"")
+@example(kind="vllm_npz", damage="raw member", where=0.0, data=b"")
 def test_damaged_bytes_never_crash(kind, damage, where, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -317,6 +345,11 @@ def test_damaged_bytes_never_crash(kind, damage, where, data):
 @FUZZ
 @given(kind=st.sampled_from(sorted(FORMATS)), key=st.integers(0, 200),
        value=st.integers(0, 200))
+# The trace's topk_weights (key 4) narrower, wider, of strings, of one layer (issue 17).
+@example(kind="trace", key=4, value=14)
+@example(kind="trace", key=4, value=15)
+@example(kind="trace", key=4, value=1)
+@example(kind="trace", key=4, value=13)
 def test_bad_values_never_crash(kind, key, value):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

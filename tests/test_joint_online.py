@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,9 @@ from moetuner.integrations.joint_online import (
     sglang_rebalance_experts,
     vllm_policy,
 )
+
+torch = pytest.importorskip("torch", reason="the online joint policy works on torch tensors "
+                            "(pip install 'moetuner[torch]')")
 
 
 def paired_profile(tmp_path, layers=2, experts=8):

@@ -197,7 +197,7 @@ def test_published_setting_replayed_by_the_evaluator_gives_the_fitted_times():
     # EP16 (2 nodes of 8 H800): uniform top-8 of 256 experts, linear, 128 tokens per GPU
     # homed round-robin -- replayed through the evaluator as one step.
     G, n = 16, 128 * 16
-    rng = np.random.default_rng(0)                  # moetuner.kernel_calibration.published_setting's
+    rng = np.random.default_rng(0)  # published_setting's
     ids = np.argsort(rng.random((n, 256)), axis=1)[:, :8]
     trace = Trace(topk_ids=ids[:, None, :], num_experts=256)
     steps = Steps(order=np.arange(n), bounds=np.array([0, n]), home=np.arange(n) % G,

@@ -246,3 +246,32 @@ def test_big_endian_ids_stream(tmp_path, whole):
     path = tmp_path / "be.npz"
     np.savez(path, topk_ids=whole.topk_ids.astype(">i4"), seq_lens=whole.seq_lens)
     assert_same_counts(profile_shard(path, chunk_tokens=50), profile_trace(whole))
+
+
+def test_a_streamed_trace_is_sorted_by_weight_as_in_memory(tmp_path):
+    """Columns stored out of weight order: the streamed profile takes each token's heaviest
+    expert as its primary one, as load_trace does (transitions_top1 and the halves agree)."""
+    rng = np.random.default_rng(3)
+    trace = random_trace(rng, 300, 3, 8, 3, sequences=5)
+    weights = rng.random(trace.topk_ids.shape)
+    path = tmp_path / "unsorted.npz"
+    np.savez(path, topk_ids=trace.topk_ids, topk_weights=weights, seq_lens=trace.seq_lens)
+    streamed = stream_canonical_profile(path, chunk_tokens=64)
+    whole = profile_trace(load_trace(path))
+    for name in ("load", "transitions", "transitions_top1", "coactivation",
+                 "stability_load", "stability_transitions"):
+        assert np.array_equal(getattr(streamed, name), getattr(whole, name)), name
+    # The primary expert really moved: unsorted columns give other top-1 transitions.
+    unsorted = profile_trace(Trace(topk_ids=trace.topk_ids, num_experts=8))
+    assert not np.array_equal(unsorted.transitions_top1, streamed.transitions_top1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_streamed_trace_refuses_non_finite_weights(tmp_path, bad):
+    trace = random_trace(np.random.default_rng(4), 50, 2, 4, 2)
+    weights = np.full(trace.topk_ids.shape, 0.5)
+    weights[40, 1, 0] = bad
+    path = tmp_path / "nan.npz"
+    np.savez(path, topk_ids=trace.topk_ids, topk_weights=weights)
+    with pytest.raises(InputError, match="topk_weights: expected finite router probabilities"):
+        stream_canonical_profile(path, chunk_tokens=16)

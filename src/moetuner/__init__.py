@@ -2,32 +2,53 @@
 
 The pipeline, one module per stage: ``trace`` (routing records) -> ``profile`` (loads,
 transitions, co-activation) -> ``methods`` (placement solvers) -> evaluation -> export.
+
+The names below are imported on first use (PEP 562), so ``import moetuner`` (and the command
+line's start) does not pay for the solvers, numba or matplotlib.
 """
 
-from moetuner.cluster import Cluster, GPUSpec, make_cluster
-from moetuner.collect import collect_trace
-from moetuner.costmodel import CostBreakdown, CostCoefficients, load_coefficients, predict
-from moetuner.counts import Replay, StepTimes
-from moetuner.eplb import rebalance_experts
-from moetuner.errors import InputError
-from moetuner.evaluate import compare, evaluate_online, replay, replay_steps
-from moetuner.export import FORMATS, LayerAxis, write_engine_files
-from moetuner.inputs import read_profile, read_trace
-from moetuner.methods import PlaceOptions, SolveRecord, methods, place
-from moetuner.models import ModelSpec, get_model
-from moetuner.online import OnlinePolicy, online_policy
-from moetuner.placement import Placement, load_placement
-from moetuner.profile import Profile, load_profile, profile_trace, profiles_by_label
-from moetuner.synth import SynthFit, is_synthetic, synthesis_fit, synthesize_trace
-from moetuner.trace import Trace, load_trace
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS", "Cluster", "CostBreakdown", "CostCoefficients", "GPUSpec", "InputError",
-    "LayerAxis", "ModelSpec", "PlaceOptions", "Placement", "Profile", "Replay", "SolveRecord",
-    "StepTimes", "SynthFit", "Trace", "OnlinePolicy", "evaluate_online",
-    "online_policy", "replay_steps", "collect_trace", "compare", "get_model", "is_synthetic",
-    "load_coefficients", "load_placement", "load_profile", "load_trace", "make_cluster",
-    "methods", "place", "predict", "profile_trace", "profiles_by_label", "read_profile",
-    "read_trace", "rebalance_experts", "replay", "synthesis_fit", "synthesize_trace",
-    "write_engine_files",
-]
+import importlib
+from typing import Any
+
+# ``methods`` is both a subpackage and the function listing the methods: imported eagerly so
+# the function, not the subpackage, is ``moetuner.methods`` (the subpackage is light).
+from moetuner.methods import PlaceOptions, SolveRecord, methods, place
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "Cluster": "cluster", "GPUSpec": "cluster", "make_cluster": "cluster",
+    "collect_trace": "collect",
+    "CostBreakdown": "costmodel", "CostCoefficients": "costmodel",
+    "load_coefficients": "costmodel", "predict": "costmodel",
+    "Replay": "counts", "StepTimes": "counts",
+    "rebalance_experts": "eplb",
+    "InputError": "errors",
+    "compare": "evaluate", "evaluate_online": "evaluate", "replay": "evaluate",
+    "replay_steps": "evaluate",
+    "FORMATS": "export", "LayerAxis": "export", "write_engine_files": "export",
+    "read_profile": "inputs", "read_trace": "inputs",
+    "ModelSpec": "models", "get_model": "models",
+    "OnlinePolicy": "online", "online_policy": "online",
+    "Placement": "placement", "load_placement": "placement",
+    "Profile": "profile", "load_profile": "profile", "profile_trace": "profile",
+    "profiles_by_label": "profile",
+    "SynthFit": "synth", "is_synthetic": "synth", "synthesis_fit": "synth",
+    "synthesize_trace": "synth",
+    "Trace": "trace", "load_trace": "trace",
+}
+
+__all__ = ["PlaceOptions", "SolveRecord", "methods", "place", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'moetuner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"moetuner.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -39,6 +39,8 @@ DEFAULT_TOKENS = tuple(2 ** i for i in range(12))  # 1 .. 2048 tokens per expert
 # On a GPU, time enough experts that their weights overflow its L2 cache (50 MB on an H100)
 # several times, so weight reads come from HBM as in serving.
 GPU_WEIGHT_BYTES = 256e6
+CALIBRATE_HINT = ("torch to time the expert FFN (pip install 'moetuner[torch]'; "
+                  "torch==2.13.0 first for the CPU build)")
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,10 @@ def calibrate(model: ModelSpec, gpu: str = "h100", device: str | None = None,
     Returns:
         Default coefficients with the two fitted efficiencies and the provenance.
     """
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise InputError("calibrate", "dependencies", CALIBRATE_HINT) from None
 
     try:
         spec = GPUS[gpu.lower()]

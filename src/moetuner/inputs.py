@@ -1,7 +1,8 @@
 """Reading what users give moetuner: traces and profiles, whatever file they come in.
 
 ``read_trace`` and ``read_profile`` dispatch on the file's content; a reader for a new format
-(an engine's dump, say) is one more entry in ``TRACE_READERS`` or ``PROFILE_READERS``.
+(an engine's dump, say) is one more entry in ``TRACE_READERS`` or ``PROFILE_READERS``, keyed
+by its name in ``formats.KINDS`` (``formats.identify`` tells formats apart by content).
 
 Every trace argument may also name shards: a directory (its entries, sorted by name) or a
 glob (``'dumps/*.npz'``), in any mix of readable formats. ``read_profile`` profiles them one
@@ -22,7 +23,8 @@ import numpy as np
 
 from moetuner import readers
 from moetuner.errors import InputError
-from moetuner.io import failure_reason, load_npy, npz_names
+from moetuner.formats import PROFILE, TRACE, identify, refuse_unless
+from moetuner.io import failure_reason, load_npy
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, load_profile, profile_trace
 from moetuner.shards import (
@@ -35,32 +37,26 @@ from moetuner.shards import (
 )
 from moetuner.trace import Trace, load_trace
 
-# (matches(path), read(path, select, drop)) pairs, tried in order.
-TraceReader = tuple[Callable[[Path], bool], Callable[[Path, Sequence[str], Sequence[str]], Trace]]
-ProfileReader = tuple[Callable[[Path], bool], Callable[[Path], Profile]]
-
-
-def npz_keys(path: Path) -> list[str]:
-    """Names of the arrays in an ``.npz`` (empty when it is not one; an ``InputError`` when
-    a file named ``.npz`` is damaged)."""
-    if path.suffix != ".npz" or not path.is_file():
-        return []
-    return npz_names(path)
-
-
-TRACE_READERS: list[TraceReader] = [
-    (lambda p: "topk_ids" in npz_keys(p), lambda p, s, d: load_trace(p, s, d)),
-    (readers.is_sglang_per_token, readers.read_sglang_per_token),
-    (readers.is_vllm_dir, readers.read_vllm_dir),
-    (readers.is_vllm_npz, readers.read_vllm_npz),
-    (readers.is_vllm_jsonl, readers.read_vllm_jsonl),
-    (readers.is_exflow, readers.read_exflow),
-]
-PROFILE_READERS: list[ProfileReader] = [
-    (lambda p: "load" in npz_keys(p), load_profile),
-    (readers.is_sglang_stat, readers.read_sglang_stat),
-    (readers.is_loads, readers.read_loads),
-]
+# Readers by format name (``formats.KINDS``; ``formats.identify`` tells the format).
+TRACE_READERS: dict[str, Callable[[Path, Sequence[str], Sequence[str]], Trace]] = {
+    "trace": load_trace,
+    "sglang-per-token": readers.read_sglang_per_token,
+    "vllm-requests": readers.read_vllm_requests,
+    "vllm-jsonl": readers.read_vllm_jsonl,
+    "exflow": readers.read_exflow,
+}
+PROFILE_READERS: dict[str, Callable[[Path], Profile]] = {
+    "profile": load_profile,
+    "sglang-stat": readers.read_sglang_stat,
+    "sglang-count": readers.read_sglang_count,
+    "loads": readers.read_loads,
+}
+# Trace formats profiled chunk by chunk, without holding the trace in memory.
+STREAMED = {"trace": stream_canonical_profile, "exflow": stream_exflow_profile,
+            "vllm-requests": stream_vllm_profile}
+TRACE_EXPECTED = ("a per-token routing trace (an .npz with topk_ids [tokens, layers, k], or "
+                  "an engine dump moetuner reads)")
+PROFILE_EXPECTED = "a routing trace or profile (.npz with load [layers, experts])"
 
 
 def expand_shards(path: str | os.PathLike) -> list[Path]:
@@ -102,13 +98,8 @@ def read_trace(path: str | os.PathLike, select: Sequence[str] = (), drop: Sequen
 
 
 def _read_trace_file(path: Path, select: Sequence[str], drop: Sequence[str]) -> Trace:
-    if not path.exists():
-        raise InputError(path, "file", "an existing trace file")
-    for matches, read in TRACE_READERS:
-        if matches(path):
-            return read(path, select, drop)
-    raise InputError(path, "file", "a per-token routing trace (an .npz with topk_ids "
-                     "[tokens, layers, k], or an engine dump moetuner reads)")
+    kind = refuse_unless(path, (TRACE,), TRACE_EXPECTED)
+    return TRACE_READERS[kind.name](path, select, drop)
 
 
 def concat_traces(traces: Sequence[Trace], source: str) -> Trace:
@@ -138,9 +129,11 @@ def concat_traces(traces: Sequence[Trace], source: str) -> Trace:
 
 def is_trace(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a per-token trace (rather than a profile); for shards, whether
-    every shard does."""
-    return all(any(matches(shard) for matches, _ in TRACE_READERS)
-               for shard in expand_shards(path))
+    every shard does. False for a file of no known format (its reader says what is wrong)."""
+    try:
+        return all(identify(shard).role == TRACE for shard in expand_shards(path))
+    except InputError:
+        return False
 
 
 def read_profile(
@@ -166,12 +159,8 @@ def profile_shard(
     runs per shard; ``sum_profiles`` is the reduce. ``progress`` receives tokens read.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file", "an existing trace or profile file")
-    stream = (stream_canonical_profile if "topk_ids" in npz_keys(path)
-              else stream_exflow_profile if readers.is_exflow(path)
-              else stream_vllm_profile if readers.is_vllm_dir(path) or readers.is_vllm_npz(path)
-              else None)
+    kind = refuse_unless(path, (TRACE, PROFILE), PROFILE_EXPECTED)
+    stream = STREAMED.get(kind.name)
     if stream is not None:
         try:
             return stream(path, select, drop, chunk_tokens, progress)
@@ -180,15 +169,11 @@ def profile_shard(
         except Exception as exc:  # numpy, zipfile and zlib raise many types on damaged bytes
             raise InputError(path, "file", "a readable trace shard", failure_reason(exc)
                              ) from None
-    if is_trace(path):
+    if kind.role == TRACE:
         return profile_trace(_read_trace_file(path, select, drop), chunk_tokens, progress)
     if select or drop:
         raise InputError(path, "--select/--drop", "a per-token trace (a profile has no sequences)")
-    for matches, read in PROFILE_READERS:
-        if matches(path):
-            return read(path)
-    raise InputError(path, "file", "a routing profile (.npz with load [layers, experts]) or a "
-                     "trace")
+    return PROFILE_READERS[kind.name](path)
 
 
 def shard_tokens(path: Path) -> int | None:

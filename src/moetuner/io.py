@@ -89,8 +89,9 @@ def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLi
     for name in inputs:
         seen[Path(name).resolve()] = f"the input {name}"
     for name in outputs:
-        if str(name) == "":
-            raise InputError(flag, "path", "a file path", "''")
+        if str(name) in ("", "."):  # typer turns an empty path into "."
+            raise InputError(flag, "path", "a file path", f"{str(name)!r} (empty, or the "
+                             "current folder)")
         path = Path(name)
         if path.is_dir():
             raise InputError(flag, "path", "a file path, not a directory", str(name))
@@ -192,6 +193,12 @@ def open_npz(path: str | os.PathLike, expected: str) -> np.lib.npyio.NpzFile:
         raise InputError(path, "file", expected, failure_reason(exc)) from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(path, "file", expected, "a single .npy array")
+    # numpy hands a member not named .npy back as raw bytes, not an array.
+    raw = [name for name in data.zip.namelist() if not name.endswith(".npy")]
+    if raw:
+        data.close()
+        raise InputError(path, raw[0], "an .npy array member (as numpy's savez writes)",
+                         "a member that is not an .npy file")
     return data
 
 

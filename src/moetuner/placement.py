@@ -17,10 +17,8 @@ File format (JSON, ``"format": "moetuner.placement"``)::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -244,18 +242,6 @@ def pack_slots(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> 
     np.put_along_axis(phy2log, gpu_sorted * slots + rank,
                       np.take_along_axis(item_expert, order, axis=1), axis=1)
     return phy2log
-
-
-def is_placement_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a moetuner placement JSON (rather than, say, a loads JSON)."""
-    path = Path(path)
-    if path.suffix != ".json" or not path.is_file():
-        return False
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def load_placement(path: str | os.PathLike) -> Placement:

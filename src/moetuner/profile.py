@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from moetuner.errors import InputError
@@ -415,48 +414,6 @@ def check_count_size(num_layers: int, num_experts: int, source: str) -> None:
                          f"cells (L = {num_layers})", num_experts)
 
 
-@numba.njit(cache=True, nogil=True)
-def _count_chunk(ids: np.ndarray, load: np.ndarray, transitions: np.ndarray,
-                 transitions_top1: np.ndarray, coactivation_upper: np.ndarray) -> None:
-    """Add one chunk ``ids [t, L, k]`` to the int64 counts ``load [L, E]``, ``transitions``
-    and ``transitions_top1 [L-1, E, E]`` and ``coactivation_upper [L, E, E]`` (column a < b
-    pairs only; ``RoutingCounter.profile`` makes it symmetric).
-
-    Layers are the outer loop and the k x k pairs of one layer go to an int32 ``[E, E]``
-    scratch table first (a chunk's counts fit int32): one hot table of 256 KB for E = 256
-    instead of 58 int64 tables of 512 KB, which roughly doubles the speed at that size.
-    """
-    tokens, layers, k = ids.shape
-    experts = load.shape[1]
-    scratch = np.zeros((experts, experts), np.int32)
-    for layer in range(layers):
-        for token in range(tokens):
-            for a in range(k):
-                i = ids[token, layer, a]
-                load[layer, i] += 1
-                for b in range(a + 1, k):
-                    scratch[i, ids[token, layer, b]] += 1
-        _flush(scratch, coactivation_upper[layer])
-        if layer + 1 < layers:
-            for token in range(tokens):
-                for a in range(k):
-                    i = ids[token, layer, a]
-                    for b in range(k):
-                        scratch[i, ids[token, layer + 1, b]] += 1
-                transitions_top1[layer, ids[token, layer, 0], ids[token, layer + 1, 0]] += 1
-            _flush(scratch, transitions[layer])
-
-
-@numba.njit(cache=True, nogil=True)
-def _flush(scratch: np.ndarray, counts: np.ndarray) -> None:
-    """``counts += scratch``, then zero ``scratch`` (both ``[E, E]``)."""
-    experts = scratch.shape[0]
-    for i in range(experts):
-        for j in range(experts):
-            counts[i, j] += scratch[i, j]
-            scratch[i, j] = 0
-
-
 def native_ids(ids: np.ndarray) -> np.ndarray:
     """``ids`` C-contiguous in native byte order, as the compiled counters take them (a
     big-endian ``.npz`` array would not compile); no copy when it already is."""
@@ -509,7 +466,9 @@ class RoutingCounter:
         self._count(ids)
 
     def _count(self, ids: np.ndarray) -> None:
-        _count_chunk(native_ids(ids), self.load, self.transitions,
+        from moetuner.kernels import count_chunk  # numba: imported when first counting
+
+        count_chunk(native_ids(ids), self.load, self.transitions,
                      self.transitions_top1, self.coactivation_upper)
         self.counted += len(ids)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import int_array, load_npy, npz_names, parse_json, read_npz
+from moetuner.io import failure_reason, int_array, load_npy, npz_names, parse_json, read_npz
 from moetuner.profile import Profile
 from moetuner.trace import Trace, largest_id
 
@@ -50,9 +50,12 @@ def _load_pt(path: str, mtime_ns: int) -> object:
     except ImportError:
         raise InputError(path, "file", TORCH_HINT) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. on a foreign pickle: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or foreign file
-        raise InputError(path, "file", "a torch.save'd SGLang recorder dump", exc) from None
+        raise InputError(path, "file", "a torch.save'd SGLang recorder dump",
+                         failure_reason(exc)) from None
 
 
 def load_pt(path: Path) -> dict:
@@ -139,12 +142,35 @@ def read_sglang_stat(path: Path) -> Profile:
     if count.ndim != 3 or not _is_real(count):
         raise InputError(path, "logical_count", "counts [buffer_steps, num_hidden_layers, E]",
                          f"{count.dtype} {list(count.shape)}")
-    load = count.sum(axis=0)
+    return _routed_layers(count.sum(axis=0), path)
+
+
+def _routed_layers(load: np.ndarray, path: Path) -> Profile:
+    """A loads-only profile of the layers of ``load [num_hidden_layers, E]`` that routed
+    tokens (dense layers, all zero, dropped)."""
+    if (load < 0).any() or not np.isfinite(load).all():
+        raise InputError(path, "logical_count", "finite counts >= 0",
+                         "negative or non-finite values")
     routed = load.sum(axis=1) > 0
     if not routed.any():
         raise InputError(path, "logical_count", "at least one layer with routed tokens",
                          "all zero")
     return Profile.from_load(load[routed], source=str(path))
+
+
+def read_sglang_count(path: Path) -> Profile:
+    """A loads-only profile from an SGLang ``logical_count`` JSON (``moetuner export --format
+    sglang-count``, ``{"logical_count": [[E] x num_hidden_layers]}``; dense layers dropped)."""
+    data = parse_json(path.read_bytes(), path, "logical_count",
+                      '{"logical_count": [num_hidden_layers, E] counts}')
+    try:
+        count = np.asarray(data["logical_count"] if isinstance(data, dict) else None)
+    except (KeyError, ValueError, TypeError, RecursionError, OverflowError):
+        count = np.asarray(None)
+    if count.ndim != 2 or not count.size or not _is_real(count):
+        raise InputError(path, "logical_count", "counts [num_hidden_layers, E]",
+                         f"{count.dtype} {list(count.shape)}")
+    return _routed_layers(count, path)
 
 
 # ---------------------------------------------------------------- vLLM routed_experts
@@ -190,6 +216,12 @@ def is_vllm_npz(path: Path) -> bool:
 def read_vllm_npz(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()) -> Trace:
     arrays = read_npz(path, "an .npz of vLLM routed_experts [seq_len, layers, topk] arrays")
     return _requests_trace(list(arrays.values()), list(arrays), path).select(select, drop)
+
+
+def read_vllm_requests(path: Path, select: Sequence[str] = (), drop: Sequence[str] = ()
+                       ) -> Trace:
+    """vLLM requests from a directory of ``.npy`` or one ``.npz``."""
+    return (read_vllm_dir if path.is_dir() else read_vllm_npz)(path, select, drop)
 
 
 def is_vllm_jsonl(path: Path) -> bool:

@@ -173,6 +173,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 .note {{ color: #a33; }}
 </style></head><body>
 <h1>moetuner evaluation</h1>
+<h2>{html.escape(header.get("title", "MoE layers on the evaluation trace"))}</h2>
 <p>{header["tokens"]} tokens of <code>{html.escape(str(header["trace"]))}</code>
 ({html.escape(str(header["selection"]))}); model {html.escape(header["model"])};
 {cluster["num_gpus"]} x {html.escape(cluster["gpu"]["name"])} GPUs in {cluster["num_nodes"]}

@@ -17,11 +17,10 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from moetuner.errors import InputError
-from moetuner.io import open_npz
+from moetuner.io import load_npy, open_npz
 from moetuner.profile import (
     _COUNT_FIELDS,
     Profile,
@@ -31,27 +30,17 @@ from moetuner.profile import (
     half_cut,
     native_ids,
 )
-from moetuner.trace import Trace, read_npz_sequences, select_sequences, validate_sequences
+from moetuner.trace import (
+    Trace,
+    check_weights_header,
+    read_npz_sequences,
+    select_sequences,
+    sort_by_weight,
+    validate_sequences,
+)
 
 # read_rows(n): the next n rows of the id array, ``[n, layers, k]``.
 RowReader = Callable[[int], np.ndarray]
-
-
-@numba.njit(cache=True, nogil=True)
-def _ids_valid(ids: np.ndarray, num_experts: int) -> bool:
-    """Whether every ``ids [t, L, k]`` row holds k distinct ids in ``[0, num_experts)``: the
-    check ``Trace`` makes, compiled (sorting each row costs twice the counting)."""
-    tokens, layers, k = ids.shape
-    for token in range(tokens):
-        for layer in range(layers):
-            for a in range(k):
-                i = ids[token, layer, a]
-                if i < 0 or i >= num_experts:
-                    return False
-                for b in range(a):
-                    if ids[token, layer, b] == i:
-                        return False
-    return True
 
 
 def _npy_member_header(archive: zipfile.ZipFile, member: str
@@ -77,18 +66,12 @@ def npz_ids_shape(path: Path) -> tuple[int, ...] | None:
         return None
 
 
-def _npy_file_header(path: Path) -> np.ndarray:
-    """The memory-mapped ``.npy`` at ``path`` (its shape and dtype, no data read)."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(path, "file", "a numpy .npy array", exc) from None
-
-
-def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowReader, Callable]:
-    """A sequential row reader over ``topk_ids`` in the zip, and the function closing it."""
+def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, name: str = "topk_ids"
+              ) -> tuple[RowReader, Callable]:
+    """A sequential row reader over the array ``name`` in the zip, and the function closing
+    it."""
     archive = zipfile.ZipFile(path)
-    handle = archive.open("topk_ids.npy")
+    handle = archive.open(f"{name}.npy")
     version = np.lib.format.read_magic(handle)
     (np.lib.format.read_array_header_1_0 if version == (1, 0)
      else np.lib.format.read_array_header_2_0)(handle)
@@ -98,9 +81,9 @@ def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowR
         try:
             data = handle.read(n * row_bytes)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise InputError(path, "topk_ids", "a readable array", exc) from None
+            raise InputError(path, name, "a readable array", exc) from None
         if len(data) != n * row_bytes:
-            raise InputError(path, "topk_ids", f"{shape[0]} rows", "a truncated array")
+            raise InputError(path, name, f"{shape[0]} rows", "a truncated array")
         return np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
 
     def close() -> None:
@@ -108,6 +91,20 @@ def _npz_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[RowR
         archive.close()
 
     return read_rows, close
+
+
+def _weight_sorted_rows(path: Path, read_ids: RowReader, read_weights: RowReader) -> RowReader:
+    """Rows of ``topk_ids`` with each token's columns sorted by its ``topk_weights`` (highest
+    first), as ``load_trace`` sorts a whole trace, so that streamed and in-memory profiles
+    agree on each token's primary expert."""
+
+    def read_rows(n: int) -> np.ndarray:
+        ids, weights = read_ids(n), read_weights(n)
+        if not np.isfinite(weights).all():
+            raise InputError(path, "topk_weights", "finite router probabilities", "NaN or inf")
+        return sort_by_weight(ids, weights)[0]
+
+    return read_rows
 
 
 def stream_canonical_profile(
@@ -123,16 +120,27 @@ def stream_canonical_profile(
         if "topk_ids" not in data.files:
             raise InputError(path, "topk_ids", "an array [tokens, layers, k] in the .npz")
         shape, fortran, dtype = _npy_member_header(data.zip, "topk_ids.npy")
+        weights = (_npy_member_header(data.zip, "topk_weights.npy")
+                   if "topk_weights" in data.files else None)
         seq_lens, labels, stored_e = read_npz_sequences(data, path)
     if len(shape) != 3 or not np.issubdtype(dtype, np.integer) or fortran:
         raise InputError(path, "topk_ids", "an integer C-order array [tokens, layers, k]",
                          f"{dtype} {list(shape)}")
     read_rows, close = _npz_rows(path, shape, dtype)
+    closers = [close]
+    if weights is not None:
+        check_weights_header(path, shape, weights[0], weights[2])
+        if weights[1]:
+            raise InputError(path, "topk_weights", "a C-order array", "Fortran order")
+        read_weights, close_weights = _npz_rows(path, shape, weights[2], "topk_weights")
+        closers.append(close_weights)
+        read_rows = _weight_sorted_rows(path, read_rows, read_weights)
     try:
         return _profile_rows(read_rows, shape, seq_lens, labels, stored_e, select, drop,
                              str(path), chunk_tokens, progress)
     finally:
-        close()
+        for close in closers:
+            close()
 
 
 def stream_exflow_profile(
@@ -162,7 +170,8 @@ def vllm_requests(path: Path) -> tuple[list[str], list[tuple[int, ...]], list[np
     shapes and dtypes, a function reading request i, and one closing the file."""
     if path.is_dir():
         files = sorted(path.glob("*.npy"))
-        headers = [_npy_file_header(f) for f in files]
+        headers = [load_npy(f, "a numpy .npy array (vLLM routed_experts)", header_only=True)
+                   for f in files]
 
         def request(index: int) -> np.ndarray:
             return np.load(files[index], allow_pickle=False)
@@ -277,6 +286,8 @@ def _profile_rows(
         kept_lens = units if keep is None else units[keep]
     kept_tokens = tokens if kept_lens is None else int(kept_lens.sum())
     check_count_size(layers, num_experts or 1, source)
+    from moetuner.kernels import ids_valid  # numba: imported when first counting
+
     counter = RoutingCounter(layers, num_experts or 1, k, cut=half_cut(kept_tokens, kept_lens))
     ends = np.cumsum(units)
     first_unit, done = 0, 0
@@ -287,7 +298,7 @@ def _profile_rows(
             check_count_size(layers, int(rows.max()) + 1, source)
             counter.grow(int(rows.max()) + 1)
         rows = native_ids(rows)
-        if not _ids_valid(rows, counter.E):
+        if not ids_valid(rows, counter.E):
             Trace(topk_ids=rows, num_experts=counter.E, source=source)  # raises, saying why
         if keep is not None:
             rows = rows[np.repeat(keep[first_unit:stop_unit], units[first_unit:stop_unit])]

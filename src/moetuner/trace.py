@@ -241,9 +241,7 @@ def _validate(trace: Trace) -> None:
         raise InputError(src, "num_experts", f"at least k = {k}", trace.num_experts)
     if trace.topk_weights is not None:
         w = trace.topk_weights
-        if w.shape != ids.shape or not np.issubdtype(w.dtype, np.number):
-            raise InputError(src, "topk_weights", f"numbers in the shape of topk_ids "
-                             f"{list(ids.shape)}", f"{w.dtype} {list(w.shape)}")
+        check_weights_header(src, ids.shape, w.shape, w.dtype)
         if not np.isfinite(w).all():
             raise InputError(src, "topk_weights", "finite router probabilities", "NaN or inf")
     validate_sequences(src, tokens, trace.seq_lens, trace.seq_labels)
@@ -320,6 +318,15 @@ def load_trace(
     trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
                   seq_lens=seq_lens, seq_labels=labels, source=str(path))
     return trace.select(select, drop)
+
+
+def check_weights_header(source: str | os.PathLike, ids_shape: tuple[int, ...],
+                         shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse ``topk_weights`` whose shape differs from ``topk_ids``' or that are not numbers
+    (strings, bools); headers only, so a streamed trace is checked before any row is read."""
+    if tuple(shape) != tuple(ids_shape) or not np.issubdtype(dtype, np.number):
+        raise InputError(source, "topk_weights", f"numbers in the shape of topk_ids "
+                         f"{list(ids_shape)}", f"{dtype} {list(shape)}")
 
 
 def sort_by_weight(topk_ids: np.ndarray, topk_weights: np.ndarray

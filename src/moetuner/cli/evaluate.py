@@ -1,4 +1,4 @@
-"""``moetuner evaluate``: replay a held-out trace through placements and compare them."""
+"""``moetuner evaluate``: replay a trace through placements and compare them."""
 
 from __future__ import annotations
 
@@ -38,18 +38,19 @@ from moetuner.cli.options import (
     TokensPerGpu,
     Window,
     cluster_from_flags,
+    no_tokens,
 )
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.engine import EXEC_MODELS, EngineSettings, kernel_for
 from moetuner.errors import InputError
 from moetuner.evaluate import Replay, check_compatible, compare, model_for_trace
-from moetuner.export import read_megatron, read_sglang, read_vllm, read_vllm_ascend, sidecar_path
+from moetuner.formats import read_placement
 from moetuner.inputs import read_trace
-from moetuner.io import MAX_PAIR_CELLS, read_json
+from moetuner.io import MAX_PAIR_CELLS
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
-from moetuner.placement import Placement, is_placement_file, load_placement
+from moetuner.placement import Placement
 from moetuner.steps import StepPlan, Steps
 from moetuner.trace import Trace
 
@@ -102,6 +103,39 @@ class EvaluationInputs:
                              "use --replay serving to predict at serving scale")
         return notes
 
+    def sample(self) -> dict[str, str]:
+        """Per placement, whether the trace is ``in-sample`` (its profile's provenance names
+        this trace file with the same selection, or with none), ``held-out`` (profiled on
+        other files or selections) or ``unknown`` (no provenance: an engine file)."""
+        here = Path(self.trace.source).resolve()
+        sample = {}
+        for name, placement in self.placements.items():
+            profile = placement.metadata.get("profile") if isinstance(
+                placement.metadata, dict) else None
+            sources = [entry for entry in profile if isinstance(entry, dict)] \
+                if isinstance(profile, list) else []
+            if not sources:
+                sample[name] = "unknown"
+            elif any(Path(str(entry.get("source"))).resolve() == here
+                     and entry.get("selection") in ("all", self.trace.selection)
+                     for entry in sources):
+                sample[name] = "in-sample"
+            else:
+                sample[name] = "held-out"
+        return sample
+
+    def title(self) -> str:
+        """'held-out' only when every placement was profiled elsewhere; in-sample names the
+        placements whose profile holds this trace."""
+        sample = self.sample()
+        inside = [name for name, kind in sample.items() if kind == "in-sample"]
+        if inside:
+            return (f"MoE layers on the profiled trace (in-sample for {', '.join(inside)}: "
+                    "figures flatter them)")
+        if all(kind == "held-out" for kind in sample.values()):
+            return "MoE layers on the held-out trace"
+        return "MoE layers on the evaluation trace"
+
     def header(self) -> dict:
         online = None if self.online is None else {"name": self.online.name,
                                                    "window": self.online.window,
@@ -113,30 +147,8 @@ class EvaluationInputs:
                 "phase": self.plan.phase, "kernel": self.settings.kernel,
                 "batching": self.describe_steps(), "online": online,
                 "warnings": self.warnings(),
-                "coefficients": self.coefficients.to_dict()}
-
-
-def read_placement_file(path: Path, num_gpus: int | None) -> Placement:
-    """A placement from a moetuner JSON or any engine file ``moetuner export`` writes."""
-    if is_placement_file(path):
-        return load_placement(path)
-    if path.suffix == ".npy":
-        return read_megatron(path, num_gpus)
-    data = read_json(path, "a placement (moetuner, SGLang, vLLM or vLLM-Ascend JSON)")
-    if isinstance(data, dict) and "physical_to_logical_map" in data:
-        if not sidecar_path(path).exists():
-            raise InputError(path, "sidecar", f"the sidecar {sidecar_path(path).name} that "
-                             "moetuner export writes beside an SGLang file (it names the "
-                             "layers and GPUs)")
-        return read_sglang(path)
-    if isinstance(data, dict) and "layer_list" in data:
-        return read_vllm_ascend(path)
-    if isinstance(data, list):
-        if num_gpus is None:
-            raise InputError("--gpus", "num_gpus", f"the GPU count for the vLLM map {path}")
-        return read_vllm(path, num_gpus)
-    raise InputError(path, "file", "a moetuner placement JSON, an SGLang, vLLM or "
-                     "vLLM-Ascend placement JSON, or a Megatron expert_gpu .npy")
+                "coefficients": self.coefficients.to_dict(), "title": self.title(),
+                "sample": self.sample()}
 
 
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
@@ -154,13 +166,12 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     loaded = {}
     for path in placements:
         name = path.stem if path.stem not in loaded else str(path)
-        loaded[name] = read_placement_file(path, gpus)
+        loaded[name] = read_placement(path, gpus)
     if not loaded:
         raise InputError("PLACEMENT", "placements", "at least one placement file")
     events = read_trace(trace, select or (), drop or ())
     if not events.num_tokens:
-        raise InputError(trace, "topk_ids", "tokens to replay (the file or selection holds "
-                         "none)", 0)
+        raise no_tokens(str(trace), select, drop, "topk_ids")
     cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
                                  nodes, gpu, intra_bw, inter_bw)
     if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:
@@ -182,9 +193,10 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     )
 
 
-def comparison_table(rows: list[dict]) -> Table:
+def comparison_table(rows: list[dict], title: str = "MoE layers on the evaluation trace"
+                     ) -> Table:
     """The comparison as a rich table (one row per placement and execution model)."""
-    table = Table(title="MoE layers per engine step")
+    table = Table(title=f"{title}, per engine step")
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
     online = any("experts_moved" in row for row in rows)
@@ -254,7 +266,7 @@ def evaluate_command(
         print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
         return
     # Wide enough for the table when the output is not a terminal (rich assumes 80 columns).
-    Console(width=max(console.width, 160)).print(comparison_table(rows))
+    Console(width=max(console.width, 160)).print(comparison_table(rows, inputs.title()))
     console.print(f"{inputs.trace.num_tokens} tokens of {inputs.trace.source} "
                   f"({inputs.trace.selection}); {inputs.model.name} on "
                   f"{inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} in "

@@ -18,9 +18,9 @@ from moetuner.export import (
     engine_outputs,
     write_engine_files,
 )
+from moetuner.formats import read_placement
 from moetuner.io import check_outputs
 from moetuner.models import get_model
-from moetuner.placement import load_placement
 
 
 def parse_layer_list(text: str | None) -> tuple[int, ...]:
@@ -36,8 +36,9 @@ def parse_layer_list(text: str | None) -> tuple[int, ...]:
 
 @command("export")
 def export_command(
-    source: Annotated[Path, typer.Argument(help="placement JSON (a profile or trace for "
-                                                "--format sglang-count)")],
+    source: Annotated[Path, typer.Argument(
+        help="placement: moetuner JSON, or an SGLang, vLLM-Ascend or Megatron file export "
+        "wrote (a profile or trace for --format sglang-count)")],
     fmt: Annotated[str, typer.Option("--format", help=f"one of {', '.join(FORMATS)}")],
     output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
     model: Annotated[str | None, typer.Option("--model", help="model preset: gives the hidden "
@@ -56,12 +57,13 @@ def export_command(
     A placement the engine would load wrongly (two replicas of one expert on one GPU for
     SGLang with an a2a backend or vLLM-Ascend) is refused, naming the layer, GPU and expert.
     """
+    check_outputs([output], [source])  # first: '' or a folder has no sidecar name
     check_outputs(engine_outputs(fmt, output), [source])
     spec = get_model(model) if model else None
     if fmt == "sglang-count":
         data = profile_with_progress(str(source), None, None)
     else:
-        data = load_placement(source)
+        data = read_placement(source, gpus_flag=None)
     if spec is not None and data.num_experts != spec.num_experts:
         raise InputError(str(source), "num_experts", f"{spec.num_experts} experts per layer, "
                          f"as {spec.name} has", data.num_experts)

@@ -54,7 +54,7 @@ Workers = Annotated[int, typer.Option(
     "--workers", help="processes profiling shards of a directory or glob at once")]
 RayAddress = Annotated[str | None, typer.Option(
     "--ray", help="run on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT "
-    "(pip install moetuner[ray])")]
+    "(pip install 'moetuner\\[ray]')")]
 
 
 class _Rate(ProgressColumn):
@@ -79,6 +79,20 @@ def token_progress(total: int | None, description: str, unit: str = "tokens"
     return progress, lambda n: progress.advance(task, n)
 
 
+def no_tokens(sources: str, select: Sequence[str] | None, drop: Sequence[str] | None,
+              field: str = "load") -> InputError:
+    """The error for inputs left without a routed token: it names ``--select`` / ``--drop``
+    when a selection was given (the usual cause), else the files."""
+    flags = [flag for flag, values in (("--select", select), ("--drop", drop)) if values]
+    if flags:
+        given = " ".join(f"{flag} {value}" for flag, values in (("--select", select),
+                                                                 ("--drop", drop))
+                         for value in values or ())
+        return InputError("/".join(flags), "selection", f"a selection that keeps tokens of "
+                          f"{sources}", f"none kept by {given}")
+    return InputError(sources, field, "routed tokens (the files hold none)", 0)
+
+
 def profile_with_progress(path: str, select: list[str] | None, drop: list[str] | None,
                           workers: int = 1, **steps) -> Profile:
     """Profile a trace, profile and add the shards of a directory or glob, or read a profile
@@ -89,7 +103,7 @@ def profile_with_progress(path: str, select: list[str] | None, drop: list[str] |
         return profile_paths_with_progress([path], select, drop, workers)
     trace = read_trace(path, select or (), drop or ())
     if not trace.num_tokens:
-        raise InputError(path, "load", "routed tokens (the file or selection holds none)", 0)
+        raise no_tokens(path, select, drop)
     progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
     with progress:
         return profile_trace(trace, progress=advance, **steps)
@@ -111,8 +125,7 @@ def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] |
             profile = profile_shards(shards, select or (), drop or (), workers, advance,
                                      ray_address)
     if not profile.load.any():
-        raise InputError(", ".join(map(str, paths)), "load",
-                         "routed tokens (the files or selection hold none)", 0)
+        raise no_tokens(", ".join(map(str, paths)), select, drop)
     return profile
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from moetuner.cli import command, console
+from moetuner.cli import command, console, number, percent
 from moetuner.cli.options import (
     Drop,
     GpuName,
@@ -19,6 +19,7 @@ from moetuner.cli.options import (
     Nodes,
     Select,
     cluster_from_flags,
+    no_tokens,
     profile_with_progress,
 )
 from moetuner.engine import EXEC_MODELS
@@ -51,13 +52,9 @@ def summary_table(record: SolveRecord, ratio: np.ndarray) -> Table:
     """The short table ``place`` prints."""
     table = Table("method", "status", "objective", "bound", "gap", "solve s",
                   "max/mean GPU load (mean, worst layer)")
-
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.6g}"
-
     table.add_row(record.method, record.status, number(record.objective), number(record.bound),
-                  "-" if record.gap is None else f"{100 * record.gap:.2f}%",
-                  f"{record.solve_time:.2f}", f"{ratio.mean():.3f}, {ratio.max():.3f}")
+                  "-" if record.gap is None else percent(record.gap),
+                  number(record.solve_time, ".2f"), f"{ratio.mean():.3f}, {ratio.max():.3f}")
     return table
 
 
@@ -79,7 +76,8 @@ def place_command(
         "weighs (--weight, --robust), the others place their sum")],
     gpus: Gpus,
     output: Annotated[Path, typer.Option("-o", "--output", help="placement JSON to write")],
-    method: Annotated[str, typer.Option("--method", help="placement method")] = "moetuner",
+    method: Annotated[str, typer.Option(
+        "--method", help=f"placement method: {', '.join(methods())}")] = "moetuner",
     nodes: Nodes = 1,
     gpu: GpuName = "h100",
     intra_bw: IntraBw = None,
@@ -123,8 +121,7 @@ def place_command(
     steps = {"step_gpus": gpus, "plan": params.step_plan()} if uses_steps(method) else {}
     profiles = workload_profiles(sources, split_by, select, drop, **steps)
     if not profiles or not all(p.load.any() for p in profiles):
-        raise InputError(", ".join(map(str, sources)), "tokens",
-                         "routed tokens in every workload (the selection left none)", 0)
+        raise no_tokens(", ".join(map(str, sources)), select, drop, "tokens")
     if weight is None and split_by is not None:
         weight = [p.tokens for p in profiles]
     workload = Workload(tuple(profiles), None if weight is None else tuple(weight),

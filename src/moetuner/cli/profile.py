@@ -65,5 +65,6 @@ def profile_command(
         f"profiled {profile.tokens} tokens, {profile.num_layers} layers x "
         f"{profile.num_experts} experts, top-{profile.top_k} -> {output}\n"
         f"skew (max/mean expert load) mean {float(skew.mean()):.2f}, max {skew.max():.2f}"
-        + ("" if mi is None else f"; consecutive-layer MI mean {mi.mean():.3f} bits")
+        + ("" if mi is None or not mi.size  # one MoE layer: no consecutive pair
+           else f"; consecutive-layer MI mean {mi.mean():.3f} bits")
     )

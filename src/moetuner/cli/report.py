@@ -39,7 +39,6 @@ from moetuner.cli.options import (
 from moetuner.errors import InputError
 from moetuner.io import check_outputs
 from moetuner.profile import profile_trace
-from moetuner.report import FILES, write_report
 from moetuner.steps import StepPlan
 
 
@@ -75,6 +74,8 @@ def report_command(
     interval: Interval = None,
 ) -> None:
     """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
+    from moetuner.report import FILES, write_report  # matplotlib: imported only to plot
+
     if not output or (Path(output).exists() and not Path(output).is_dir()):
         raise InputError("-o", "path", "a directory (new or existing)", repr(output))
     check_outputs([Path(output) / name for name in FILES],

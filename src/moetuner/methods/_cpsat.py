@@ -12,9 +12,12 @@ differ between runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ortools.sat.python import cp_model
+
+if TYPE_CHECKING:  # imported where solved: ortools (and the pandas it loads) costs 0.3 s
+    from ortools.sat.python import cp_model
 
 DETERMINISTIC_PER_SECOND = 0.3
 
@@ -42,6 +45,8 @@ class CpResult:
 def solve_cpsat(model: cp_model.CpModel, budget: float, seed: int, gap: float,
                 workers: int = 1) -> CpResult:
     """Minimise ``model`` within ``budget`` seconds (deterministic work limit, see above)."""
+    from ortools.sat.python import cp_model
+
     solver = cp_model.CpSolver()
     params = solver.parameters
     params.max_deterministic_time = max(budget * DETERMINISTIC_PER_SECOND, 1e-3)

@@ -79,9 +79,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from ortools.sat.python import cp_model
-from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
-from scipy.sparse import coo_matrix
 
 from moetuner.cluster import Cluster
 from moetuner.errors import InputError
@@ -235,6 +232,8 @@ def _balance_cpsat(w: np.ndarray, num_clusters: int, size: int | None, keys: np.
     """ILP 1 on CP-SAT over integer loads ``w [n]``; the objective is G times
     ``sum |load - mean|`` so that it stays integral. Returns (clusters or None, bound on that
     objective, status, log line)."""
+    from ortools.sat.python import cp_model
+
     n = len(w)
     total = int(w.sum())
     model = cp_model.CpModel()
@@ -281,6 +280,9 @@ def _balance_highs(w: np.ndarray, num_clusters: int, size: int | None, keys: np.
                    budget: float, gap: float) -> tuple[np.ndarray | None, float, str, str]:
     """The same model as ``_balance_cpsat`` on HiGHS (scipy.milp). Variables: ``x[i, c]``
     (i * G + c) binaries, then the G deviations."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
     n, G = len(w), num_clusters
     total = float(w.sum())
     item = np.repeat(np.arange(n), G)
@@ -411,6 +413,8 @@ def _initial_assignment(traffic: np.ndarray, sizes: np.ndarray | None) -> np.nda
     tokens on their GPU. Free sizes: larger clusters to the GPUs holding fewest experts so far
     (memory balance), ties kept in cluster order.
     """
+    from scipy.optimize import linear_sum_assignment
+
     num_layers, num_gpus = traffic.shape[0] + 1, traffic.shape[1]
     cluster_on_gpu = np.empty((num_layers, num_gpus), dtype=np.int64)
     if sizes is not None:
@@ -498,6 +502,8 @@ def polish_layers_cpsat(traffic: np.ndarray, cost: np.ndarray, cluster_on_gpu: n
     is a small exact CP-SAT model (G^2 binaries, two max variables), hinted with the current
     permutation. Returns the improved ``cluster_on_gpu [L, G]`` (a copy).
     """
+    from ortools.sat.python import cp_model
+
     current = cluster_on_gpu.copy()
     num_layers, num_gpus = current.shape
     weighted = np.rint(traffic * integer_scale(traffic)).astype(np.int64)
@@ -578,6 +584,8 @@ def solve_traffic_cpsat(
     status and a log line. ``sizes [L, G]`` with ``memory_range (lo, hi)`` adds the memory
     balance ``lo <= sum_l size of the cluster on g <= hi``.
     """
+    from ortools.sat.python import cp_model
+
     num_layers, num_gpus = hint.shape
     t_scale = integer_scale(traffic)
     c_scale = integer_scale(cost, 1e3)
