@@ -38,7 +38,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-import numba
 import numpy as np
 
 from moetuner.errors import InputError
@@ -238,7 +237,9 @@ def count_layer(
     tokens_in = np.zeros(G, dtype=np.int64)
     moves = np.zeros(4, dtype=np.int64)
     after = np.empty(ids.shape[0], dtype=np.int64)
-    _count_layer(np.ascontiguousarray(ids, dtype=np.int32), np.asarray(key, dtype=np.int64),
+    from moetuner.kernels import count_layer as compiled  # numba: imported when counting
+
+    compiled(np.ascontiguousarray(ids, dtype=np.int32), np.asarray(key, dtype=np.int64),
                  np.asarray(position, dtype=np.int64), np.asarray(step, dtype=np.int64),
                  members, size, slots_per_gpu, np.asarray(node_of_gpu, dtype=np.int64),
                  per_node, settings.pair_messages, follow, ordered, slot_pairs, dispatch,
@@ -247,100 +248,3 @@ def count_layer(
         matrix[1] = matrix[0].T
     counts = LayerCounts(slot_pairs, dispatch, combine if follow else None)
     return counts, LayerTotals(matrix, tokens_in, moves), after
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_layer(ids, key, position, step, members, size, slots_per_gpu, node_of_gpu,
-                 per_node, pair_messages, follow, ordered, slot_pairs, dispatch, combine,
-                 matrix, tokens_in, moves, after):  # pragma: no cover - compiled
-    m, k = ids.shape
-    G = node_of_gpu.shape[0]
-    gpus = np.empty(k, dtype=np.int64)
-    distinct = np.empty(k, dtype=np.int64)
-    hits = np.zeros(G, dtype=np.int64)
-    for t in range(m):
-        c = position[t]
-        s = step[t]
-        count = 0
-        for j in range(k):
-            e = ids[t, j]
-            slot = members[e, c, key[t] % size[e, c]]
-            slot_pairs[s, slot] += 1
-            g = slot // slots_per_gpu
-            gpus[j] = g
-            if hits[g] == 0:
-                distinct[count] = g
-                count += 1
-            hits[g] += 1
-        for i in range(count):
-            g = distinct[i]
-            tokens_in[g] += 1
-            moves[0] += 1
-            if g != c:
-                matrix[0, c, g] += 1
-                moves[1] += 1
-                if node_of_gpu[g] != node_of_gpu[c]:
-                    moves[2] += 1
-        moves[3] += _messages(c, s, gpus, distinct, count, node_of_gpu, per_node,
-                              pair_messages, dispatch)
-        if follow:
-            if ordered:
-                p = gpus[0]
-            else:
-                p = c if hits[c] > 0 else distinct[0]
-                for i in range(count):
-                    g = distinct[i]
-                    if hits[g] > hits[p] or (hits[g] == hits[p] and p != c and g < p):
-                        p = g
-            _messages(p, s, gpus, distinct, count, node_of_gpu, per_node, pair_messages,
-                      combine)
-            for i in range(count):
-                if distinct[i] != p:
-                    matrix[1, distinct[i], p] += 1
-            after[t] = p
-        else:
-            after[t] = c
-        for i in range(count):
-            hits[distinct[i]] = 0
-    return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _messages(c, s, gpus, distinct, count, node_of_gpu, per_node, pair_messages,
-              out):  # pragma: no cover - compiled
-    """Messages of one token leaving GPU c in step s into ``out [4, S, G]``; returns the
-    distinct remote nodes it reaches."""
-    node = node_of_gpu[c]
-    remote = 0
-    if pair_messages:
-        for j in range(gpus.shape[0]):
-            g = gpus[j]
-            if g == c:
-                continue
-            if node_of_gpu[g] == node:
-                out[0, s, c] += 1
-                out[1, s, g] += 1
-            else:
-                out[2, s, c] += 1
-                out[3, s, g] += 1
-    for i in range(count):
-        g = distinct[i]
-        if g == c:
-            continue
-        if node_of_gpu[g] == node:
-            if not pair_messages:
-                out[0, s, c] += 1
-                out[1, s, g] += 1
-            continue
-        # One message per distinct remote node: count it at its first GPU in the list.
-        first = True
-        for j in range(i):
-            if node_of_gpu[distinct[j]] == node_of_gpu[g]:
-                first = False
-                break
-        if first:
-            remote += 1
-            if not pair_messages:
-                out[2, s, c] += 1
-                out[3, s, node_of_gpu[g] * per_node + c % per_node] += 1
-    return remote

@@ -48,7 +48,6 @@ from moetuner.costmodel import load_coefficients
 from moetuner.engine import EngineSettings, KernelName, Phase, ReplicaPolicy, kernel_for
 from moetuner.errors import InputError
 from moetuner.methods import MethodParams, PlaceOptions, SolveRecord, Workload, methods, register
-from moetuner.methods._joint_balance import search_layer
 from moetuner.methods._joint_objective import (
     StepProblem,
     build_problem,
@@ -199,6 +198,8 @@ def balance_search(problem: StepProblem, phy2log: np.ndarray, replicas: bool,
 
     Returns the placement, the moves applied and whether every layer converged.
     """
+    from moetuner.methods._joint_balance import search_layer  # numba: imported when used
+
     c = problem.cost
     G, N = problem.num_gpus, problem.num_nodes
     # Exchange seconds per pair a GPU receives (dispatch + combine), pair kernels only:
