@@ -246,6 +246,19 @@ def pack_slots(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> 
     return phy2log
 
 
+def recorded_nodes(placement: Placement) -> int | None:
+    """The node count of the cluster the placement was made for (``metadata["cluster"]``),
+    or None when it records none (or one of another GPU count, or not a positive integer)."""
+    cluster = placement.metadata.get("cluster")
+    if not isinstance(cluster, dict) or cluster.get("num_gpus") != placement.num_gpus:
+        return None
+    nodes = cluster.get("num_nodes")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 \
+            or placement.num_gpus % nodes:
+        return None
+    return nodes
+
+
 def is_placement_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a moetuner placement JSON (rather than, say, a loads JSON)."""
     path = Path(path)

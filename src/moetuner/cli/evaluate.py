@@ -23,10 +23,10 @@ from moetuner.cli.options import (
     IntraBw,
     JsonFlag,
     ModelName,
-    Nodes,
     Online,
     OnlinePreset,
     PlacementGpus,
+    PlacementNodes,
     Placements,
     ReplicaPolicy,
     Select,
@@ -43,7 +43,7 @@ from moetuner.inputs import read_trace
 from moetuner.io import MAX_PAIR_CELLS, read_json
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
-from moetuner.placement import Placement, is_placement_file, load_placement
+from moetuner.placement import Placement, is_placement_file, load_placement, recorded_nodes
 from moetuner.steps import BATCHINGS, Steps, make_steps
 from moetuner.trace import Trace
 
@@ -109,8 +109,21 @@ def read_placement_file(path: Path, num_gpus: int | None) -> Placement:
                      "vLLM-Ascend placement JSON, or a Megatron expert_gpu .npy")
 
 
+def default_nodes(placements: dict[str, Placement], num_gpus: int) -> int:
+    """The node count the placements of ``num_gpus`` GPUs were made for (1 when none records
+    one); an ``InputError`` asking for ``--nodes`` when they record different counts."""
+    recorded = {name: recorded_nodes(p) for name, p in placements.items()
+                if p.num_gpus == num_gpus}
+    counts = sorted({n for n in recorded.values() if n is not None})
+    if len(counts) > 1:
+        raise InputError("--nodes", "num_nodes", "a node count: the placements were made for "
+                         "different clusters (" + ", ".join(
+                             f"{name}: {n}" for name, n in recorded.items() if n) + " nodes)")
+    return counts[0] if counts else 1
+
+
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
-                drop: list[str] | None, model: str | None, gpus: int | None, nodes: int,
+                drop: list[str] | None, model: str | None, gpus: int | None, nodes: int | None,
                 gpu: str, intra_bw: float | None, inter_bw: float | None, exec_model: str,
                 replica_policy: str, calibration: Path | None, batching: str = "decode",
                 concurrency: int | None = None, step_tokens: int | None = None,
@@ -133,8 +146,9 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     if not events.num_tokens:
         raise InputError(trace, "topk_ids", "tokens to replay (the file or selection holds "
                          "none)", 0)
-    cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
-                                 nodes, gpu, intra_bw, inter_bw)
+    num_gpus = next(iter(loaded.values())).num_gpus if gpus is None else gpus
+    cluster = cluster_from_flags(num_gpus, default_nodes(loaded, num_gpus) if nodes is None
+                                 else nodes, gpu, intra_bw, inter_bw)
     if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:
         # The replay holds a [layers, G, G] traffic matrix per placement.
         raise InputError("--gpus", "num_gpus", f"layers x G x G at most {MAX_PAIR_CELLS}",
@@ -190,7 +204,7 @@ def evaluate_command(
     drop: Drop = None,
     model: ModelName = None,
     gpus: PlacementGpus = None,
-    nodes: Nodes = 1,
+    nodes: PlacementNodes = None,
     gpu: GpuName = "h100",
     intra_bw: IntraBw = None,
     inter_bw: InterBw = None,

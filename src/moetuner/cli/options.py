@@ -35,6 +35,8 @@ Drop = Annotated[
 ]
 Gpus = Annotated[int, typer.Option("--gpus", help="expert-parallel GPUs (G)")]
 Nodes = Annotated[int, typer.Option("--nodes", help="nodes; G must be a multiple")]
+PlacementNodes = Annotated[int | None, typer.Option(
+    "--nodes", help="nodes; G must be a multiple (default: the placements' cluster, else 1)")]
 GpuName = Annotated[str, typer.Option("--gpu", help="GPU preset: h100, h200, a100, b200")]
 IntraBw = Annotated[float | None, typer.Option("--intra-bw",
                                                 help="GB/s per GPU inside a node (NVLink)")]
