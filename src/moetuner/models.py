@@ -109,3 +109,9 @@ def model_with_shape(num_layers: int, num_experts: int, top_k: int) -> ModelSpec
                                                                         top_k):
             return model
     return None
+
+
+def models_with_moe_shape(num_moe_layers: int, num_experts: int) -> list[ModelSpec]:
+    """The presets with this many MoE layers and routed experts per layer (any k)."""
+    return [model for model in MODELS.values()
+            if (model.num_moe_layers, model.num_experts) == (num_moe_layers, num_experts)]
