@@ -47,7 +47,7 @@ from moetuner.evaluate import EXEC_MODELS, REPLICA_POLICIES, check_model, evalua
 from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import read_json, write_json, write_together
 from moetuner.methods import PlaceOptions, methods, place, uses_steps
-from moetuner.models import ModelSpec, get_model
+from moetuner.models import ModelSpec, expert_memory_per_gpu, get_model
 from moetuner.parallel import map_tasks
 from moetuner.profile import Profile, sample_steps
 from moetuner.trace import Trace
@@ -297,8 +297,8 @@ def run_point(task: PointTask) -> dict:
         "status": record.status,
         "solve_time_s": record.solve_time,
         "slots_per_gpu": placement.slots_per_gpu,
-        "expert_memory_per_gpu_bytes": (placement.slots_per_gpu * placement.num_layers
-                                        * model.expert_weight_bytes),
+        "expert_memory_per_gpu_bytes": expert_memory_per_gpu(model, placement.slots_per_gpu,
+                                                              placement.num_layers),
         # The point's own parameters name it (the evaluator may describe them in words).
         **{key: value for key, value in metrics.items() if key not in parameters},
     }

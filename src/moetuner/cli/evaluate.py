@@ -34,13 +34,14 @@ from moetuner.cli.options import (
     Window,
     cluster_from_flags,
 )
+from moetuner.cli.verdict import ExportBest, ExportFormat, add_memory, check_export, verdict
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.errors import InputError
 from moetuner.evaluate import EXEC_MODELS, Replay, check_compatible, compare, model_for_trace
 from moetuner.export import read_megatron, read_sglang, read_vllm, read_vllm_ascend, sidecar_path
 from moetuner.inputs import read_trace
-from moetuner.io import MAX_PAIR_CELLS, read_json
+from moetuner.io import MAX_PAIR_CELLS, check_outputs, read_json
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
 from moetuner.placement import Placement, is_placement_file, load_placement, recorded_nodes
@@ -175,19 +176,23 @@ def comparison_table(rows: list[dict]) -> Table:
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
     online = any("experts_moved" in row for row in rows)
-    for column in ("slots", "imbalance", "step imb.", "x-GPU", "x-node", "ms/step", "p99 ms",
-                   "tokens/s", "speedup") + (("moved", "move ms/step") if online else ()):
+    for column in ("slots", "expert GB/GPU", "imbalance", "step imb.", "x-GPU", "x-node",
+                   "ms/step", "p99 ms", "tokens/s", "speedup") + (
+                       ("moved", "move ms/step") if online else ()):
         table.add_column(column, justify="right")
     for row in rows:
         moves = ([str(row["experts_moved"]), f"{row['move_time_per_step_s'] * 1e3:.4f}"]
                  if "experts_moved" in row else ["", ""])
+        memory = row.get("expert_memory_per_gpu_bytes")
         table.add_row(row["placement"], row["exec_model"], str(row["slots_per_gpu"]),
+                      "-" if memory is None else f"{memory / 1e9:.2f}",
                       f"{row['imbalance']:.3f}", f"{row['step_imbalance']:.3f}",
                       f"{row['share_cross_gpu']:.1%}", f"{row['share_cross_node']:.1%}",
                       f"{row['mean_step_time_s'] * 1e3:.3f}",
                       f"{row['p99_step_time_s'] * 1e3:.3f}", f"{row['tokens_per_s']:.4g}",
                       f"{row['speedup_vs_linear']:.3f}x", *(moves if online else []))
-    table.caption = ("imbalance: max/mean GPU load of the whole trace; step imb.: per step "
+    table.caption = ("expert GB/GPU: expert weights each GPU holds; "
+                     "imbalance: max/mean GPU load of the whole trace; step imb.: per step "
                      "(sum of busiest / sum of mean GPU load); x-GPU, x-node: share of token "
                      "moves leaving the GPU, the node; ms/step: predicted MoE layers per step, "
                      "mean and p99; speedup: mean step time over linear's; moved, move "
@@ -219,15 +224,23 @@ def evaluate_command(
     window: Window = None,
     interval: Interval = None,
     as_json: JsonFlag = False,
+    export_best: ExportBest = None,
+    export_format: ExportFormat = "sglang",
 ) -> None:
     """Compare placements on a held-out trace, engine step by engine step: balance, traffic,
-    predicted MoE time per step (and online rebalancing with --online)."""
+    predicted MoE time per step (and online rebalancing with --online); then the verdict: the
+    placement to deploy per phase and execution model, exported with --export-best."""
+    check_outputs(check_export(export_best, export_format), [*placements, trace])
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration, batching,
                          concurrency, step_tokens, online, online_preset, window, interval)
     rows, _ = inputs.compare()
+    memory = add_memory(rows, inputs.model, inputs.trace.num_layers, inputs.cluster)
+    result = verdict(rows, inputs.placements, memory, inputs.model, inputs.cluster,
+                     inputs.batching, export_format, export_best)
     if as_json:
-        print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
+        print(json.dumps({**inputs.header(), "rows": rows, "memory_warnings": memory,
+                          "verdict": result.to_dict()}, indent=2))
         return
     # Wide enough for the table when the output is not a terminal (rich assumes 80 columns).
     Console(width=max(console.width, 160)).print(comparison_table(rows))
@@ -241,3 +254,7 @@ def evaluate_command(
                      f"; {inputs.online.name} every {inputs.online.interval} steps from the "
                      f"last {inputs.online.window}") + ".\n"
                   f"MoE times are {MODEL_NOTE}.")
+    for name, warning in memory.items():
+        console.print(f"warning: {name}: {warning}", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
+    console.print("\n".join(result.lines), markup=False, highlight=False, soft_wrap=True)
