@@ -25,9 +25,8 @@ for vLLM-Ascend (one slot per expert per device: the layer's routing table shift
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from moetuner.io import (
     MAX_LAYERS,
     as_int,
     int_array,
+    json_writer,
     load_npy,
     read_json,
     write_npy,
@@ -508,10 +508,6 @@ def engine_flags(placement: Placement, fmt: str, out: str | os.PathLike,
             f"{out}")
 
 
-def _json_writer(obj: object, indent: int | None = None) -> Callable:
-    return lambda handle: json.dump(obj, handle, indent=indent)
-
-
 def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.PathLike,
                        axis: LayerAxis | None = None, backend: str | None = None,
                        model_path: str = DEFAULT_MODEL_PATH, num_nodes: int = 1
@@ -547,20 +543,20 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
                          f"a placement JSON for {fmt}")
     axis = axis or LayerAxis(source.num_layers, tuple(range(source.num_layers)))
     if want_profile:
-        write_together({out: _json_writer(to_sglang_count(source, axis))})
+        write_together({out: json_writer(to_sglang_count(source, axis))})
         return [out], (f"sglang: --init-expert-location {out} (SGLang balances these "
                        "logical counts itself; add --ep-num-redundant-experts R for replicas)")
     check_engine(source, fmt, backend, axis)
     flags = engine_flags(source, fmt, out, backend, model_path, num_nodes)
     if fmt == "sglang":
         meta = sidecar_path(out)
-        write_together({out: _json_writer(to_sglang(source, axis)),
-                        meta: _json_writer(sglang_sidecar(source, axis), indent=1)})
+        write_together({out: json_writer(to_sglang(source, axis)),
+                        meta: json_writer(sglang_sidecar(source, axis), indent=1)})
         return [out, meta], flags
     if fmt == "vllm":
-        write_together({out: _json_writer(to_vllm(source))})
+        write_together({out: json_writer(to_vllm(source))})
     elif fmt == "vllm-ascend":
-        write_together({out: _json_writer(to_vllm_ascend(source))})
+        write_together({out: json_writer(to_vllm_ascend(source))})
     else:
         write_npy(out, to_megatron(source))
     return [out], flags

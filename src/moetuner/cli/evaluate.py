@@ -28,12 +28,14 @@ from moetuner.cli.options import (
     PlacementGpus,
     PlacementNodes,
     Placements,
+    Quiet,
     ReplicaPolicy,
     Select,
     StepTokens,
     Window,
     cluster_from_flags,
 )
+from moetuner.cli.progress import progress
 from moetuner.cli.verdict import ExportBest, ExportFormat, add_memory, check_export, verdict
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
@@ -226,6 +228,7 @@ def evaluate_command(
     as_json: JsonFlag = False,
     export_best: ExportBest = None,
     export_format: ExportFormat = "sglang",
+    quiet: Quiet = False,
 ) -> None:
     """Compare placements on a held-out trace, engine step by engine step: balance, traffic,
     predicted MoE time per step (and online rebalancing with --online); then the verdict: the
@@ -234,7 +237,8 @@ def evaluate_command(
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration, batching,
                          concurrency, step_tokens, online, online_preset, window, interval)
-    rows, _ = inputs.compare()
+    with progress(f"replaying {inputs.trace.num_tokens} tokens"):
+        rows, _ = inputs.compare()
     memory = add_memory(rows, inputs.model, inputs.trace.num_layers, inputs.cluster)
     result = verdict(rows, inputs.placements, memory, inputs.model, inputs.cluster,
                      inputs.batching, export_format, export_best)

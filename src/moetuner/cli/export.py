@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moetuner.cli import command, console
-from moetuner.cli.options import PlacementNodes, profile_with_progress
+from moetuner.cli.options import PlacementNodes, Quiet, profile_with_progress
 from moetuner.errors import InputError
 from moetuner.export import (
     DEFAULT_SGLANG_BACKEND,
@@ -51,6 +51,7 @@ def export_command(
         f"{', '.join(SGLANG_A2A_BACKENDS)} (default {DEFAULT_SGLANG_BACKEND}); every one but "
         "none needs each expert's replicas on distinct GPUs")] = None,
     nodes: PlacementNodes = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write a placement in the file a serving engine loads and print the flags to use it.
 

@@ -12,6 +12,7 @@ import typer
 from moetuner.cli import command, console
 from moetuner.cli.options import (
     Drop,
+    Quiet,
     RayAddress,
     Select,
     Workers,
@@ -37,6 +38,7 @@ def profile_command(
         "whole)")] = None,
     concurrency: Annotated[int | None, typer.Option(
         "--concurrency", help="running sequences of the sampled decode steps")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
     check_outputs([output], traces)

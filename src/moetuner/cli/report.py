@@ -26,11 +26,13 @@ from moetuner.cli.options import (
     PlacementGpus,
     PlacementNodes,
     Placements,
+    Quiet,
     ReplicaPolicy,
     Select,
     StepTokens,
     Window,
 )
+from moetuner.cli.progress import progress
 from moetuner.errors import InputError
 from moetuner.io import check_outputs
 from moetuner.profile import profile_trace
@@ -62,6 +64,7 @@ def report_command(
     online_preset: OnlinePreset = "vllm",
     window: Window = None,
     interval: Interval = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
     if not output or (Path(output).exists() and not Path(output).is_dir()):
@@ -76,6 +79,7 @@ def report_command(
                          f"a layer in [0, {inputs.trace.num_layers - 1}) (it has a next one)",
                          layer)
     transitions = profile_trace(inputs.trace).transitions[layer]
-    rows, replays = inputs.compare()
+    with progress(f"replaying {inputs.trace.num_tokens} tokens"):
+        rows, replays = inputs.compare()
     page = write_report(output, rows, replays, transitions, layer, inputs.header())
     console.print(f"wrote {page} (MoE times are predicted by a cost model, not measured)")
