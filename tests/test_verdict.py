@@ -181,3 +181,14 @@ def test_cluster_in_two_nodes_gives_two_launch_commands(skewed, capsys):
     assert printed.count("python -m sglang.launch_server") == 2
     assert "--nnodes 2 --node-rank 1" in printed
     assert make_cluster(8, 2).num_nodes == 2
+
+
+def test_a_follow_only_evaluation_says_engines_run_return(skewed, capsys):
+    out = skewed / "sglang.json"
+    assert run(["evaluate", str(skewed / "same.json"), str(skewed / "spread.json"),
+                "--trace", str(skewed / "trace.npz"), "--exec", "follow", "--batching", "none",
+                "--export-best", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "whole trace, follow: deploy spread" in printed
+    assert "(follow model, engines run return: evaluate with --exec both to check it)" in printed
+    assert out.exists()

@@ -241,7 +241,8 @@ def evaluate_command(
         rows, _ = inputs.compare()
     memory = add_memory(rows, inputs.model, inputs.trace.num_layers, inputs.cluster)
     result = verdict(rows, inputs.placements, memory, inputs.model, inputs.cluster,
-                     inputs.batching, export_format, export_best)
+                     "whole trace" if inputs.batching == "none" else inputs.batching,
+                     export_format, export_best)
     if as_json:
         print(json.dumps({**inputs.header(), "rows": rows, "memory_warnings": memory,
                           "verdict": result.to_dict()}, indent=2))

@@ -13,7 +13,7 @@ from moetuner.errors import InputError
 from moetuner.export import LayerAxis, check_engine, engine_outputs, write_engine_files
 from moetuner.models import ModelSpec, expert_memory_per_gpu, memory_warning
 from moetuner.placement import Placement
-from moetuner.verdict import describe, recommend, to_export
+from moetuner.verdict import ENGINE_EXEC_MODEL, describe, recommend, to_export
 
 EXPORT_FORMATS = ("sglang", "vllm", "vllm-ascend")
 ExportBest = Annotated[Path | None, typer.Option(
@@ -100,7 +100,9 @@ def verdict(rows: list[dict], placements: dict[str, Placement], memory: dict[str
             placement, fmt, path, LayerAxis.resolve(placement.num_layers, model),
             model_path=model.hf_id, num_nodes=cluster.num_nodes)
         out.exported[label] = [str(p) for p in written]
-        out.lines.append(f"{label}: exported {choice.placement} ({choice.exec_model} model, as "
-                         f"the engines run) to {', '.join(map(str, written))}; launch with")
+        model_note = ("as the engines run" if choice.exec_model == ENGINE_EXEC_MODEL else
+                      f"engines run {ENGINE_EXEC_MODEL}: evaluate with --exec both to check it")
+        out.lines.append(f"{label}: exported {choice.placement} ({choice.exec_model} model, "
+                         f"{model_note}) to {', '.join(map(str, written))}; launch with")
         out.lines.append(flags)
     return out
