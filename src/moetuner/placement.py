@@ -249,7 +249,8 @@ def pack_slots(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> 
 def recorded_nodes(placement: Placement) -> int | None:
     """The node count of the cluster the placement was made for (``metadata["cluster"]``),
     or None when it records none (or one of another GPU count, or not a positive integer)."""
-    cluster = placement.metadata.get("cluster")
+    metadata = placement.metadata if isinstance(placement.metadata, dict) else {}
+    cluster = metadata.get("cluster")
     if not isinstance(cluster, dict) or cluster.get("num_gpus") != placement.num_gpus:
         return None
     nodes = cluster.get("num_nodes")

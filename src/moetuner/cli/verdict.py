@@ -75,7 +75,8 @@ def verdict(rows: list[dict], placements: dict[str, Placement], memory: dict[str
     excluded.update({name: "its weights exceed the GPU's memory" for name in memory
                      if name in placements})
     eplb = next((name for name, p in placements.items()
-                 if p.metadata.get("method") in ("eplb", "eplb_fixed")),
+                 if isinstance(p.metadata, dict)
+                 and p.metadata.get("method") in ("eplb", "eplb_fixed")),
                 "eplb" if "eplb" in placements else None)
     verdicts = recommend(rows, eplb, excluded)
     out = Verdict(recommendations=[v.to_dict() for v in verdicts])
