@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the shipped GPT-OSS-20B slice: profile -> place -> evaluate -> export.
+# The main job on the shipped GPT-OSS-20B slice: profile -> place -> evaluate -> verdict.
+# evaluate ends with the verdict: the placement to deploy per phase and execution model, its
+# predicted gain over the engine's default (linear) and over EPLB; it exports the one to
+# deploy for SGLang (nothing when none beats the default) and prints the launch command.
 # Outputs go to out/ (override with OUT=dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +21,4 @@ moetuner place "$TRACE" --select 'seq_dataset=mmlu*' --drop seq_repetition \
     --time-limit 20 -o "$OUT/joint.json"
 moetuner evaluate "$OUT/joint.json" "$OUT/moetuner.json" "$OUT/eplb.json" --trace "$TRACE" \
     --select 'seq_dataset=gpqa*' --drop seq_repetition --model gpt-oss-20b "${CLUSTER[@]}" \
-    --exec both
-moetuner export "$OUT/joint.json" --format sglang --model gpt-oss-20b -o "$OUT/sglang.json"
+    --exec both --export-best "$OUT/sglang.json"

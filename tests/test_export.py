@@ -331,7 +331,8 @@ def test_backend_flag_checked(tmp_path):
 
 def test_sglang_flags_name_the_redundant_count_and_backend(tmp_path):
     _, flags = write_engine_files(example(), "sglang", tmp_path / "s.json")
-    assert "--ep-num-redundant-experts 2 --ep-size 2 --moe-a2a-backend deepep" in flags
+    assert "--ep-size 2 --moe-a2a-backend deepep" in flags
+    assert "--ep-num-redundant-experts 2" in flags
 
 
 def test_sglang_pair_is_written_all_or_none(tmp_path):
@@ -367,3 +368,115 @@ def test_cli_export_checks_the_model_expert_count(tmp_path, capsys):
     assert run(["export", str(src), "--format", "sglang", "--model", "gpt-oss-20b",
                 "-o", str(tmp_path / "s.json")]) == 2
     assert "32 experts per layer" in capsys.readouterr().err
+
+
+def _flag_values(command: str) -> dict[str, str]:
+    """``--flag value`` pairs of a printed command (``--flag`` alone maps to '')."""
+    words = command.split()
+    return {word: (words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--")
+                   else "") for i, word in enumerate(words) if word.startswith("--")}
+
+
+def test_sglang_launch_command_on_one_node():
+    from moetuner.export import launch_commands
+
+    (command,) = launch_commands(example(), "sglang", "p.json", model_path="org/model")
+    assert command.startswith("python -m sglang.launch_server --model-path org/model ")
+    flags = _flag_values(command)
+    # EP over both GPUs: SGLang needs ep_size x moe_dp_size = tp_size; DP attention per GPU.
+    assert {k: flags[k] for k in ("--tp-size", "--attn-dp-size", "--ep-size",
+                                  "--ep-num-redundant-experts", "--init-expert-location",
+                                  "--ep-dispatch-algorithm", "--moe-a2a-backend")} == {
+        "--tp-size": "2", "--attn-dp-size": "2", "--ep-size": "2",
+        "--ep-num-redundant-experts": "2", "--init-expert-location": "p.json",
+        "--ep-dispatch-algorithm": "static", "--moe-a2a-backend": "deepep"}
+    assert not {"--nnodes", "--node-rank", "--dist-init-addr", "--enable-eplb"} & set(flags)
+
+
+def test_sglang_launch_commands_on_two_nodes():
+    from moetuner.export import launch_commands
+
+    placement = Placement(np.tile(np.arange(8), (2, 1)), 4, 8)
+    commands = launch_commands(placement, "sglang", "p.json", num_nodes=2)
+    assert len(commands) == 2
+    for rank, command in enumerate(commands):
+        flags = _flag_values(command)
+        assert flags["--nnodes"] == "2" and flags["--node-rank"] == str(rank)
+        assert flags["--dist-init-addr"] == "NODE0_ADDR:20000"
+        assert flags["--tp-size"] == flags["--ep-size"] == flags["--attn-dp-size"] == "4"
+    with pytest.raises(InputError, match="divisor of the 4 GPUs"):
+        launch_commands(placement, "sglang", "p.json", num_nodes=3)
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "vllm-ascend"])
+def test_vllm_launch_commands_give_the_placements_ep_ranks(fmt):
+    from moetuner.export import launch_commands
+
+    placement = Placement(np.tile(np.arange(8), (2, 1)), 4, 8)
+    (single,) = launch_commands(placement, fmt, "p.json", model_path="org/model")
+    flags = _flag_values(single)
+    assert single.startswith("vllm serve org/model ")
+    # vLLM's EP size is DP x TP with --enable-expert-parallel.
+    assert int(flags["--data-parallel-size"]) * int(flags["--tensor-parallel-size"]) == 4
+    assert "--enable-expert-parallel" in flags and "--headless" not in flags
+    head, other = launch_commands(placement, fmt, "p.json", num_nodes=2)
+    head, other = _flag_values(head), _flag_values(other)
+    assert head["--data-parallel-size"] == other["--data-parallel-size"] == "4"
+    assert head["--data-parallel-size-local"] == other["--data-parallel-size-local"] == "2"
+    assert head["--data-parallel-address"] == other["--data-parallel-address"] == "NODE0_ADDR"
+    assert head["--data-parallel-rpc-port"] == other["--data-parallel-rpc-port"]
+    assert "--headless" not in head and "--data-parallel-start-rank" not in head
+    assert "--headless" in other and other["--data-parallel-start-rank"] == "2"
+
+
+def test_cli_export_prints_one_command_per_node_of_the_placements_cluster(tmp_path, capsys):
+    from moetuner.cluster import make_cluster
+
+    src = tmp_path / "place.json"
+    Placement(np.tile(np.arange(8), (2, 1)), 4, 8,
+              metadata={"cluster": make_cluster(4, 2).to_dict()}).save(src)
+    out = tmp_path / "sg.json"
+    assert run(["export", str(src), "--format", "sglang", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "# node 0\npython -m sglang.launch_server" in printed
+    assert "# node 1\npython -m sglang.launch_server" in printed
+    assert "--node-rank 1 --dist-init-addr NODE0_ADDR:20000" in printed
+    # --nodes overrides the placement's cluster.
+    assert run(["export", str(src), "--format", "sglang", "--nodes", "1", "-o",
+                str(tmp_path / "one.json")]) == 0
+    assert "--nnodes" not in capsys.readouterr().out
+
+
+def test_cli_export_sglang_without_model_uses_the_preset_of_the_shape(tmp_path, capsys):
+    # A DeepSeek-V3-shaped placement (58 MoE layers x 256 experts): SGLang's axis has 61 rows.
+    spec = get_model("deepseek-v3")
+    src = tmp_path / "dsv3.json"
+    Placement(np.tile(np.arange(256), (58, 1)), 8, 256).save(src)
+    out = tmp_path / "sg.json"
+    assert run(["export", str(src), "--format", "sglang", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["physical_to_logical_map"]
+    assert len(rows) == spec.num_hidden_layers == 61
+    assert "deepseek-v3" in printed and "61 hidden layers (dense: 0, 1, 2)" in printed
+    assert f"--model-path {spec.hf_id}" in printed
+    back = read_sglang(out)
+    assert np.array_equal(back.phy2log, np.tile(np.arange(256), (58, 1)))
+
+
+def test_cli_export_sglang_without_model_says_when_no_preset_matches(tmp_path, capsys):
+    src = tmp_path / "place.json"
+    example().save(src)
+    out = tmp_path / "sg.json"
+    assert run(["export", str(src), "--format", "sglang", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(json.loads(out.read_text())["physical_to_logical_map"]) == 2
+    assert "no model preset has 2 MoE layers x 4 experts" in printed
+
+
+def test_layer_axis_guess_refuses_an_ambiguous_shape(monkeypatch):
+    from moetuner import models
+
+    twin = models.ModelSpec("twin", "x/twin", 62, (0, 1, 2, 3), 256, 8, 7168, 2048)
+    monkeypatch.setitem(models.MODELS, "twin", twin)
+    with pytest.raises(InputError, match="--model.*deepseek-v3, twin"):
+        LayerAxis.guess(58, 256)

@@ -52,7 +52,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
                 "--gpus", "4", "--nodes", "1", "--redundant", "0", "--methods", "linear",
                 "--exec", "return", "--workers", "1", "--model", "gpt-oss-20b", "-o",
                 str(sweep)]) == 0
-    paths["sweep-point"] = next((sweep / "points").glob("*.json"))
+    paths["sweep-point"] = next(p for p in (sweep / "points").glob("*.json")
+                                if not p.name.endswith(".placement.json"))
     paths["sweep-table"] = sweep / "sweep.csv"
     return paths
 

@@ -103,3 +103,48 @@ def test_report_cli_writes_files_or_nothing(files, capsys):
                 "-o", str(files / "none"), "--layer", str(LAYERS - 1)]) == 2
     assert "--layer" in capsys.readouterr().err
     assert not (files / "none").exists()
+
+
+def _two_node_placement(files):
+    """``shuffled.json`` made for 8 GPUs in 2 nodes (as ``place --nodes 2`` records it)."""
+    placement = Placement.from_dict(json.loads((files / "shuffled.json").read_text()))
+    metadata = {"method": "test", "cluster": make_cluster(8, 2).to_dict()}
+    path = files / "two_nodes.json"
+    Placement(placement.phy2log, 8, EXPERTS, metadata=metadata).save(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_nodes_default_to_the_placements_cluster(files, capsys, command):
+    path = _two_node_placement(files)
+    args = [command, str(path), "--trace", str(files / "trace.npz")]
+    if command == "report":
+        assert run([*args, "-o", str(files / "page")]) == 0
+        assert "in 2\nnode(s)" in (files / "page" / "index.html").read_text()
+        return
+    assert run([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cluster"]["num_nodes"] == 2
+    assert all(row["share_cross_node"] > 0 for row in out["rows"])
+    # --nodes still overrides the placement's cluster.
+    assert run([*args, "--json", "--nodes", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cluster"]["num_nodes"] == 1
+    assert all(row["share_cross_node"] == 0 for row in out["rows"])
+
+
+def test_nodes_default_to_one_without_a_recorded_cluster(files, capsys):
+    assert run(["evaluate", str(files / "shuffled.json"), "--trace", str(files / "trace.npz"),
+                "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cluster"]["num_nodes"] == 1
+
+
+def test_placements_of_different_node_counts_need_nodes(files, capsys):
+    two = _two_node_placement(files)
+    placement = Placement.from_dict(json.loads(two.read_text()))
+    four = files / "four_nodes.json"
+    Placement(placement.phy2log, 8, EXPERTS,
+              metadata={"cluster": make_cluster(8, 4).to_dict()}).save(four)
+    code = run(["evaluate", str(two), str(four), "--trace", str(files / "trace.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--nodes" in err and "two_nodes: 2" in err and "four_nodes: 4" in err

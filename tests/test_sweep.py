@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import math
 import subprocess
 import sys
@@ -17,10 +18,12 @@ from moetuner.costmodel import CostCoefficients
 from moetuner.engine import EngineSettings
 from moetuner.errors import InputError
 from moetuner.evaluate import evaluate
+from moetuner.export import read_sglang
 from moetuner.inputs import read_profile, read_trace
 from moetuner.methods import PlaceOptions, place
 from moetuner.models import get_model
 from moetuner.parallel import map_tasks
+from moetuner.placement import Placement, load_placement
 from moetuner.steps import StepPlan
 from moetuner.sweep import (
     EvalOptions,
@@ -163,7 +166,9 @@ def test_an_interrupted_sweep_resumes(inputs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_sweep(inputs, grid, tmp_path / "resumed", workers=1)
     written = sorted((tmp_path / "resumed" / "points").iterdir())
-    assert len(written) == 3 and not (tmp_path / "resumed" / "sweep.csv").exists()
+    # Each point's row and its placement.
+    assert len(written) == 2 * 3 and not (tmp_path / "resumed" / "sweep.csv").exists()
+    assert sum(p.name.endswith(".placement.json") for p in written) == 3
     assert all(not p.name.startswith(".") for p in written)   # no temporary left behind
     mtimes = [p.stat().st_mtime_ns for p in written]
     monkeypatch.setattr(sweep, "run_point", real_run_point)
@@ -250,17 +255,18 @@ def test_a_killed_sweep_process_resumes(inputs, tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None and len(
-                list(out.glob("points/*.json"))) < 2:
+                list(out.glob("points/*.placement.json"))) < 2:
             time.sleep(0.01)
     finally:
         process.kill()
         process.wait()
     written = {path: path.read_bytes() for path in out.glob("points/*.json")}
-    assert len(written) >= 2
+    done = len(list(out.glob("points/*.placement.json")))
+    assert done >= 2 and len(written) == 2 * done   # a row and its placement, or neither
     if process.returncode < 0:  # killed mid-sweep (not finished before the poll saw it)
-        assert not (out / "sweep.csv").exists() and len(written) < 18
+        assert not (out / "sweep.csv").exists() and done < 18
     resumed = run_sweep(inputs, grid, out, workers=1)
-    assert (resumed.reused, resumed.computed) == (len(written), len(resumed.rows) - len(written))
+    assert (resumed.reused, resumed.computed) == (done, len(resumed.rows) - done)
     assert all(path.read_bytes() == data for path, data in written.items())
 
 
@@ -278,3 +284,55 @@ def test_sweep_points_plan_their_steps_and_kernel():
         kwargs = EvalOptions("nearest").evaluate_kwargs(point(batching), coefficients)
         assert kwargs == {"settings": EngineSettings("follow", "nearest", kernel),
                           "coefficients": coefficients, "plan": point(batching).plan()}
+def test_sweep_keeps_each_points_placement_and_exports_the_recommended(inputs, tmp_path):
+    grid = SweepGrid(gpus=(2, 4), redundant=(0, "G"), methods=("linear", "eplb_fixed"),
+                     exec_models=("return", "follow"), time_limit=2)
+    calls = []
+    result = run_sweep(inputs, grid, tmp_path, workers=1,
+                       progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 8 * 2) for done in range(0, 17)]
+    profile = read_profile(inputs.profile, inputs.profile_select)
+    for row in result.rows:
+        stored = load_placement(tmp_path / row["placement_file"])
+        placement, _ = place(profile, make_cluster(row["gpus"], row["nodes"], row["gpu"]),
+                             row["method"], PlaceOptions(redundant=row["redundant"],
+                                                         time_limit=2,
+                                                         exec_model=row["exec_model"]))
+        assert np.array_equal(stored.phy2log, placement.phy2log)
+        assert stored.slots_per_gpu == row["slots_per_gpu"]
+    # One export per GPU count, for the engines' model (return).
+    chosen = [row for row in recommend(result.rows) if row["exec_model"] == "return"]
+    assert [entry["method"] for entry in result.exported] == [row["method"] for row in chosen]
+    model = get_model("gpt-oss-20b")
+    for entry, row in zip(result.exported, chosen, strict=True):
+        if row["method"] == "linear" and row["redundant"] == 0:
+            assert entry["files"] == [] and "default" in entry["note"]
+            continue
+        sglang_file = tmp_path / "recommended" / f"{entry['key']}.sglang.json"
+        assert str(sglang_file) in entry["files"]
+        back = read_sglang(sglang_file)
+        assert np.array_equal(back.phy2log,
+                              load_placement(tmp_path / row["placement_file"]).phy2log)
+        launch = (tmp_path / "recommended" / f"{entry['key']}.launch.txt").read_text()
+        assert f"--model-path {model.hf_id}" in launch and f"--ep-size {row['gpus']}" in launch
+
+
+def test_export_recommended_skips_the_default_and_says_why_it_cannot_export(tmp_path):
+    from moetuner.sweep import export_recommended
+
+    shared = Placement(np.array([[0, 1, 0, 2, 3, 1]] * 24), 2, 4, allow_shared_gpu=True)
+    (tmp_path / "points").mkdir()
+    shared.save(tmp_path / "points" / "a.placement.json")
+    base = {"gpus": 2, "nodes": 1, "gpu": "h100", "exec_model": "return",
+            "batching": "decode", "concurrency": None, "expert_memory_per_gpu_bytes": 1,
+            "mean_step_time_s": 1.0}
+    rows = [{**base, "method": "eplb", "redundant": 2,
+             "placement_file": "points/a.placement.json", "mean_step_time_s": 0.5},
+            {**base, "gpus": 4, "method": "linear", "redundant": 0,
+             "placement_file": "points/b.placement.json"}]
+    model = get_model("gpt-oss-20b")
+    eplb, linear = export_recommended(tmp_path, rows, dataclasses.replace(model,
+                                                                         num_experts=4))
+    assert eplb["files"] == [] and "not exported" in eplb["note"] and "GPU 0" in eplb["note"]
+    assert linear["files"] == [] and "default" in linear["note"]
+    assert not (tmp_path / "recommended").exists()

@@ -25,9 +25,8 @@ for vLLM-Ascend (one slot per expert per device: the layer's routing table shift
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,13 @@ from moetuner.io import (
     MAX_LAYERS,
     as_int,
     int_array,
+    json_writer,
     load_npy,
     read_json,
     write_npy,
     write_together,
 )
-from moetuner.models import ModelSpec
+from moetuner.models import ModelSpec, models_with_moe_shape
 from moetuner.placement import Placement, pack_slots
 from moetuner.profile import Profile
 
@@ -92,6 +92,34 @@ class LayerAxis:
                              f"{num_moe_layers} MoE layers (as in the placement)",
                              f"{hidden} hidden - {len(dense)} dense = {len(moe)}")
         return cls(hidden, moe)
+
+    @classmethod
+    def guess(cls, num_moe_layers: int, num_experts: int
+              ) -> tuple[LayerAxis, ModelSpec | None, str]:
+        """The layer axis of the model preset with this MoE shape, for a placement exported
+        without ``--model``: its dense layers count in SGLang's layer axis.
+
+        Returns the axis, the preset (None when no preset has the shape: then no dense
+        layers are assumed) and a line saying which was used. Several presets of this shape
+        with different axes raise ``InputError`` asking for ``--model``.
+        """
+        presets = models_with_moe_shape(num_moe_layers, num_experts)
+        axes = {(m.num_hidden_layers, m.dense_layers) for m in presets}
+        if len(axes) > 1:
+            raise InputError("--model", "model", "a preset naming the hidden and dense layers "
+                             f"(presets {', '.join(m.name for m in presets)} all have "
+                             f"{num_moe_layers} MoE layers x {num_experts} experts)")
+        if not presets:
+            return (cls.resolve(num_moe_layers), None,
+                    f"no model preset has {num_moe_layers} MoE layers x {num_experts} "
+                    f"experts: wrote {num_moe_layers} rows, assuming no dense layers (give "
+                    "--num-hidden-layers and --dense-layers if the model has some)")
+        model = presets[0]
+        dense = ", ".join(map(str, model.dense_layers)) or "none"
+        return (cls.resolve(num_moe_layers, model), model,
+                f"the placement has the shape of {model.name}: wrote its "
+                f"{model.num_hidden_layers} hidden layers (dense: {dense}) as SGLang's layer "
+                "axis (give --model, or --num-hidden-layers and --dense-layers, otherwise)")
 
     def expand(self, rows: np.ndarray, fill: np.ndarray) -> np.ndarray:
         """``[num_hidden_layers, ...]``: ``rows [moe_layers, ...]`` at MoE layers, ``fill``
@@ -386,40 +414,103 @@ def engine_outputs(fmt: str, out: str | os.PathLike) -> list[Path]:
     return [Path(out), sidecar_path(out)] if fmt == "sglang" else [Path(out)]
 
 
-def engine_flags(placement: Placement, fmt: str, out: str | os.PathLike,
-                 backend: str | None = None) -> str:
-    """The engine settings that load ``out`` (text to print; one line per engine)."""
+# How the printed commands start each engine, and the placeholders a user fills in.
+SGLANG_LAUNCH = "python -m sglang.launch_server"
+VLLM_LAUNCH = "vllm serve"
+NODE0_ADDR = "NODE0_ADDR"  # the first node's address, in multi-node commands
+SGLANG_DIST_PORT = 20000
+VLLM_RPC_PORT = 13345
+DEFAULT_MODEL_PATH = "MODEL_PATH"
+
+
+def launch_commands(placement: Placement, fmt: str, out: str | os.PathLike,
+                    backend: str | None = None, model_path: str = DEFAULT_MODEL_PATH,
+                    num_nodes: int = 1) -> list[str]:
+    """The whole engine command that serves ``model_path`` with the placement file ``out``
+    on the placement's G GPUs in ``num_nodes`` nodes: one command per node (node i first).
+
+    SGLang (0.5.23): TP over all G GPUs with data-parallel attention on every GPU
+    (``--attn-dp-size G``, which replaces ``--dp-size G --enable-dp-attention``) and EP over
+    all G (``--ep-size G``: SGLang needs ep_size x moe_dp_size = tp_size), the map fixed
+    (``--ep-dispatch-algorithm static``), and ``--nnodes``, ``--node-rank``,
+    ``--dist-init-addr`` across nodes. vLLM (and vLLM-Ascend): EP size = DP x TP, so
+    ``--data-parallel-size G --tensor-parallel-size 1 --enable-expert-parallel``; across
+    nodes ``--data-parallel-size-local G/N`` per node, the head's ``--data-parallel-address``
+    and ``--data-parallel-rpc-port``, and ``--headless --data-parallel-start-rank`` on the
+    others. ``megatron`` has no launch command (an empty list).
+    """
     R, G = placement.num_redundant, placement.num_gpus
+    if num_nodes < 1 or G % num_nodes:
+        raise InputError("--nodes", "num_nodes", f"a positive divisor of the {G} GPUs",
+                         num_nodes)
+    local = G // num_nodes
+    if fmt == "sglang":
+        backend = DEFAULT_SGLANG_BACKEND if backend is None else backend
+        base = (f"{SGLANG_LAUNCH} --model-path {model_path} --tp-size {G} --attn-dp-size {G} "
+                f"--ep-size {G} --moe-a2a-backend {backend} --init-expert-location {out} "
+                f"--ep-num-redundant-experts {R} --ep-dispatch-algorithm static")
+        if num_nodes == 1:
+            return [base]
+        return [f"{base} --nnodes {num_nodes} --node-rank {node} --dist-init-addr "
+                f"{NODE0_ADDR}:{SGLANG_DIST_PORT}" for node in range(num_nodes)]
+    if fmt == "vllm":
+        config = f"--enable-eplb --eplb-config '{{\"num_redundant_experts\": {R}}}'"
+    elif fmt == "vllm-ascend":
+        config = (f"--additional-config '{{\"eplb_config\": {{\"expert_map_path\": \"{out}\", "
+                  f"\"num_redundant_experts\": {R}}}}}'")
+    else:
+        return []
+    base = (f"{VLLM_LAUNCH} {model_path} --enable-expert-parallel --tensor-parallel-size 1 "
+            f"--data-parallel-size {G} {config}")
+    if num_nodes == 1:
+        return [base]
+    head = (f"--data-parallel-size-local {local} --data-parallel-address {NODE0_ADDR} "
+            f"--data-parallel-rpc-port {VLLM_RPC_PORT}")
+    return [f"{base} {head}" + ("" if node == 0 else
+                                f" --headless --data-parallel-start-rank {node * local}")
+            for node in range(num_nodes)]
+
+
+def engine_flags(placement: Placement, fmt: str, out: str | os.PathLike,
+                 backend: str | None = None, model_path: str = DEFAULT_MODEL_PATH,
+                 num_nodes: int = 1) -> str:
+    """How to start the engine with ``out`` (text to print): the whole launch command per
+    node (``launch_commands``) and what to know about it."""
+    R, G = placement.num_redundant, placement.num_gpus
+    commands = launch_commands(placement, fmt, out, backend, model_path, num_nodes)
+    if len(commands) > 1:
+        where = (f"on each of the {num_nodes} nodes its command; {NODE0_ADDR} = node 0's address; "
+                 f"{out} must be readable at this path on every node")
+        commands = [f"# node {node}\n{command}" for node, command in enumerate(commands)]
+    else:
+        where = ""
+    if model_path == DEFAULT_MODEL_PATH:
+        where = "; ".join(filter(None, [where, f"{DEFAULT_MODEL_PATH}: the model's weights"]))
+    launch = "\n".join(commands) + (f"\n({where})" if where else "")
     if fmt == "sglang":
         backend = DEFAULT_SGLANG_BACKEND if backend is None else backend
         caveat = ("replicas of each expert are on distinct GPUs, as every a2a backend needs"
                   if backend != "none" else
                   "without an a2a backend; with one, export again with --backend deepep")
-        return (f"sglang: --init-expert-location {out} --ep-num-redundant-experts {R} "
-                f"--ep-size {G} --moe-a2a-backend {backend}  ({caveat}; the EP size must be "
-                "the placement's GPU count; no --enable-eplb, which would rebalance it away)")
+        return (f"sglang:\n{launch}\n({caveat}; the EP size must be the placement's GPU "
+                f"count, {G}; no --enable-eplb, which would rebalance it away)")
     if fmt == "vllm":
-        return (f"vllm: --enable-expert-parallel --enable-eplb --eplb-config "
-                f"'{{\"num_redundant_experts\": {R}}}' on {G} EP ranks starts vLLM 0.33 with "
-                f"{R} redundant experts, which vLLM places itself: no vLLM release loads a "
-                f"placement yet. {out} is the JSON list of phy2log per MoE layer that the open "
-                "proposal eplb_config.initial_expert_map_path (vLLM #49572, NOT MERGED) reads: "
-                f"add \"initial_expert_map_path\": \"{out}\" to --eplb-config once it lands")
+        return (f"vllm:\n{launch}\nstarts vLLM with {R} redundant experts on {G} EP ranks "
+                "(EP size = data-parallel x tensor-parallel size), which vLLM places itself: "
+                f"no vLLM release loads a placement yet. {out} is the JSON list of phy2log "
+                "per MoE layer that the open proposal eplb_config.initial_expert_map_path "
+                f"(vLLM #49572, NOT MERGED) reads: add \"initial_expert_map_path\": \"{out}\" "
+                "to --eplb-config once it lands")
     if fmt == "vllm-ascend":
-        return (f"vllm-ascend: --enable-expert-parallel --additional-config "
-                f"'{{\"eplb_config\": {{\"expert_map_path\": \"{out}\", "
-                f"\"num_redundant_experts\": {R}}}}}' on {G} EP devices (static EPLB of "
-                "Model Runner V1)")
+        return (f"vllm-ascend:\n{launch}\n(on {G} EP devices: static EPLB of Model Runner "
+                "V1)")
     return (f"megatron: expert_gpu [{placement.num_layers}, {placement.num_experts}] map in "
             f"{out}")
 
 
-def _json_writer(obj: object, indent: int | None = None) -> Callable:
-    return lambda handle: json.dump(obj, handle, indent=indent)
-
-
 def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.PathLike,
-                       axis: LayerAxis | None = None, backend: str | None = None
+                       axis: LayerAxis | None = None, backend: str | None = None,
+                       model_path: str = DEFAULT_MODEL_PATH, num_nodes: int = 1
                        ) -> tuple[list[Path], str]:
     """Check ``source`` against the engine's constraints, then write it in engine format
     ``fmt`` to ``out`` (and the sidecar of ``sglang``), all files or none.
@@ -430,6 +521,8 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
         out: the file to write.
         axis: MoE layers among the hidden layers (SGLang formats); default: all MoE.
         backend: SGLang's ``--moe-a2a-backend`` for ``sglang`` (see ``check_engine``).
+        model_path: the model the printed launch commands serve (a path or Hub id).
+        num_nodes: nodes the printed launch commands span.
 
     Returns:
         the files written, and the engine flags / settings to use them (text to print).
@@ -450,20 +543,20 @@ def write_engine_files(source: Placement | Profile, fmt: str, out: str | os.Path
                          f"a placement JSON for {fmt}")
     axis = axis or LayerAxis(source.num_layers, tuple(range(source.num_layers)))
     if want_profile:
-        write_together({out: _json_writer(to_sglang_count(source, axis))})
+        write_together({out: json_writer(to_sglang_count(source, axis))})
         return [out], (f"sglang: --init-expert-location {out} (SGLang balances these "
                        "logical counts itself; add --ep-num-redundant-experts R for replicas)")
     check_engine(source, fmt, backend, axis)
-    flags = engine_flags(source, fmt, out, backend)
+    flags = engine_flags(source, fmt, out, backend, model_path, num_nodes)
     if fmt == "sglang":
         meta = sidecar_path(out)
-        write_together({out: _json_writer(to_sglang(source, axis)),
-                        meta: _json_writer(sglang_sidecar(source, axis), indent=1)})
+        write_together({out: json_writer(to_sglang(source, axis)),
+                        meta: json_writer(sglang_sidecar(source, axis), indent=1)})
         return [out, meta], flags
     if fmt == "vllm":
-        write_together({out: _json_writer(to_vllm(source))})
+        write_together({out: json_writer(to_vllm(source))})
     elif fmt == "vllm-ascend":
-        write_together({out: _json_writer(to_vllm_ascend(source))})
+        write_together({out: json_writer(to_vllm_ascend(source))})
     else:
         write_npy(out, to_megatron(source))
     return [out], flags

@@ -119,11 +119,17 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def json_writer(obj: Any, indent: int | None = None) -> Callable[[IO], None]:
+    """``write(handle)`` writing ``obj`` as strict JSON (see ``json_ready``), for
+    ``write_atomic`` and ``write_together``."""
+    clean = json_ready(obj)
+    return lambda handle: json.dump(clean, handle, indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
     """Write ``obj`` (numpy arrays and scalars included) as strict JSON to ``path``
     atomically; non-finite floats become null (see ``json_ready``)."""
-    clean = json_ready(obj)
-    write_atomic(path, lambda handle: json.dump(clean, handle, indent=indent, allow_nan=False))
+    write_atomic(path, json_writer(obj, indent))
 
 
 def write_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:

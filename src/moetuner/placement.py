@@ -244,6 +244,20 @@ def pack_slots(item_expert: np.ndarray, item_gpu: np.ndarray, num_gpus: int) -> 
     return phy2log
 
 
+def recorded_nodes(placement: Placement) -> int | None:
+    """The node count of the cluster the placement was made for (``metadata["cluster"]``),
+    or None when it records none (or one of another GPU count, or not a positive integer)."""
+    metadata = placement.metadata if isinstance(placement.metadata, dict) else {}
+    cluster = metadata.get("cluster")
+    if not isinstance(cluster, dict) or cluster.get("num_gpus") != placement.num_gpus:
+        return None
+    nodes = cluster.get("num_nodes")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 \
+            or placement.num_gpus % nodes:
+        return None
+    return nodes
+
+
 def load_placement(path: str | os.PathLike) -> Placement:
     """Read a placement JSON written by ``Placement.save``."""
     return Placement.from_dict(read_json(path, "a moetuner placement JSON"), source=str(path))

@@ -7,8 +7,9 @@ is placed with ``moetuner.methods.place`` on the profile and evaluated with
 would, in a process pool or on Ray (``moetuner.parallel.map_tasks``).
 
 Resumable: each point's result is written atomically to ``DIR/points/KEY.json`` as soon as
-it arrives, where KEY names the point's parameters plus a hash of everything else it
-depends on (inputs, options); a re-run skips points whose file exists.
+it arrives, with its placement beside it in ``DIR/points/KEY.placement.json`` (both or
+neither), where KEY names the point's parameters plus a hash of everything else it depends
+on (inputs, options); a re-run skips points whose two files exist.
 
 Outputs: ``DIR/sweep.csv`` (and ``sweep.parquet`` when pyarrow is installed), one row per
 point, and ``DIR/index.html``: the Pareto plot of predicted MoE time per batch against the
@@ -17,7 +18,12 @@ and the recommended configuration per GPU count.
 
 Recommendation, per (GPUs, GPU kind, execution model, batching): the points within
 ``TIE_TOLERANCE`` of the fastest predicted time, then the least expert memory per GPU, then
-the fewest nodes, then the method name.
+the fewest nodes, then the method name. The recommended points of the ``return`` execution
+model (the engines'; of every model when the grid has no ``return``) are exported for SGLang
+to ``DIR/recommended/KEY.sglang.json`` (+ sidecar) with the launch command in
+``KEY.launch.txt``, except where the recommendation is the engine's default (``linear``
+without redundant experts: nothing to load) or SGLang would load it wrongly (said in the
+result).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,14 +51,17 @@ from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.engine import EXEC_MODELS, REPLICA_POLICIES, EngineSettings, kernel_for
 from moetuner.errors import InputError
 from moetuner.evaluate import check_model, evaluate, model_for_trace
+from moetuner.export import LayerAxis, write_engine_files
 from moetuner.inputs import is_trace, read_profile, read_trace
-from moetuner.io import read_json, write_json, write_together
+from moetuner.io import json_writer, read_json, write_together
 from moetuner.methods import PlaceOptions, methods, parse_params, place, uses_steps
-from moetuner.models import ModelSpec, get_model
+from moetuner.models import ModelSpec, expert_memory_per_gpu, get_model
 from moetuner.parallel import map_tasks
+from moetuner.placement import load_placement
 from moetuner.profile import Profile, sample_steps
 from moetuner.steps import StepPlan
 from moetuner.trace import Trace
+from moetuner.verdict import ENGINE_EXEC_MODEL
 
 # Batching settings of the evaluator (``moetuner.steps``).
 BATCHING = ("none", "decode", "prefill")
@@ -262,6 +271,7 @@ class PointTask:
     inputs: SweepInputs
     grid: SweepGrid
     point: SweepPoint
+    context: str = ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -289,8 +299,9 @@ def load_inputs(inputs: SweepInputs) -> tuple[Profile, Trace, ModelSpec, CostCoe
     return profile, trace, model, coefficients
 
 
-def run_point(task: PointTask) -> dict:
-    """Place and evaluate one point; its table row (plain JSON values)."""
+def run_point(task: PointTask) -> tuple[dict, dict]:
+    """Place and evaluate one point; its table row (plain JSON values) and its placement
+    (``Placement.to_dict``)."""
     profile, trace, model, coefficients = load_inputs(task.inputs)
     point, grid = task.point, task.grid
     cluster = make_cluster(point.gpus, point.nodes, point.gpu)
@@ -315,14 +326,15 @@ def run_point(task: PointTask) -> dict:
     parameters = asdict(point)
     return {
         **parameters,
+        "placement_file": f"points/{point.key(task.context)}.placement.json",
         "status": record.status,
         "solve_time_s": record.solve_time,
         "slots_per_gpu": placement.slots_per_gpu,
-        "expert_memory_per_gpu_bytes": (placement.slots_per_gpu * placement.num_layers
-                                        * model.expert_weight_bytes),
+        "expert_memory_per_gpu_bytes": expert_memory_per_gpu(model, placement.slots_per_gpu,
+                                                              placement.num_layers),
         # The point's own parameters name it (the evaluator may describe them in words).
         **{key: value for key, value in metrics.items() if key not in parameters},
-    }
+    }, placement.to_dict()
 
 
 @dataclass(frozen=True)
@@ -335,6 +347,9 @@ class SweepResult:
         computed: points computed in this run.
         reused: points read back from an earlier run.
         page: the HTML page written.
+        exported: per recommended point of the engines' model: ``key``, ``method``,
+            ``files`` written (empty when nothing was) and ``note`` (why not, or how to
+            launch).
     """
 
     rows: list[dict]
@@ -342,10 +357,12 @@ class SweepResult:
     computed: int
     reused: int
     page: Path
+    exported: list[dict] = field(default_factory=list)
 
 
 def run_sweep(inputs: SweepInputs, grid: SweepGrid, out_dir: str | os.PathLike,
-              workers: int | None = None, ray_address: str | None = None) -> SweepResult:
+              workers: int | None = None, ray_address: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> SweepResult:
     """Place and evaluate every point of ``grid``; write the points, the table and the page.
 
     Args:
@@ -354,6 +371,7 @@ def run_sweep(inputs: SweepInputs, grid: SweepGrid, out_dir: str | os.PathLike,
         out_dir: output directory (``points/``, ``sweep.csv``, ``index.html``).
         workers: local processes (1: in this process), or CPUs of a local Ray instance.
         ray_address: run the points as Ray tasks (``moetuner.parallel.map_tasks``).
+        progress: called with (points done, points) as points finish.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -368,24 +386,65 @@ def run_sweep(inputs: SweepInputs, grid: SweepGrid, out_dir: str | os.PathLike,
     paths = {point: out_dir / "points" / f"{point.key(context)}.json" for point in points}
     rows = {point: _read_point(paths[point]) for point in points}
     todo = [point for point in points if rows[point] is None]
-    tasks = (PointTask(inputs, grid, point) for point in todo)
-    for point, row in zip(todo, map_tasks(run_point, tasks, workers, ray_address),
-                          strict=True):
-        write_json(paths[point], {"point": asdict(point), "row": row}, indent=1)
+    tasks = (PointTask(inputs, grid, point, context) for point in todo)
+    if progress:
+        progress(len(points) - len(todo), len(points))
+    for done, (point, (row, placement)) in enumerate(zip(
+            todo, map_tasks(run_point, tasks, workers, ray_address), strict=True), 1):
+        write_together({paths[point]: json_writer({"point": asdict(point), "row": row}, 1),
+                        placement_path(paths[point]): json_writer(placement, 1)})
         rows[point] = row
+        if progress:
+            progress(len(points) - len(todo) + done, len(points))
     table = add_speedups([rows[point] for point in points])
     page = write_outputs(out_dir, table, skipped, inputs, model)
-    return SweepResult(table, skipped, len(todo), len(points) - len(todo), page)
+    exported = export_recommended(out_dir, table, model)
+    return SweepResult(table, skipped, len(todo), len(points) - len(todo), page, exported)
+
+
+def placement_path(point_path: Path) -> Path:
+    """``points/KEY.placement.json`` beside the point file ``points/KEY.json``."""
+    return point_path.with_name(f"{point_path.stem}.placement.json")
 
 
 def _read_point(path: Path) -> dict | None:
-    """A point's row from an earlier run, or None when it has none (or an unreadable one)."""
-    if not path.is_file():
+    """A point's row from an earlier run, or None when it has none (or an unreadable one,
+    or no placement beside it)."""
+    if not path.is_file() or not placement_path(path).is_file():
         return None
     try:
         return read_json(path, "a sweep point")["row"]
     except (InputError, KeyError, TypeError):
         return None
+
+
+def export_recommended(out_dir: Path, rows: list[dict], model: ModelSpec) -> list[dict]:
+    """Write the recommended points of the engines' execution model for SGLang into
+    ``out_dir / "recommended"`` (see the module docstring); what was done per point."""
+    chosen = recommend(rows)
+    engine = [row for row in chosen if row["exec_model"] == ENGINE_EXEC_MODEL] or chosen
+    done = []
+    for row in engine:
+        key = Path(row["placement_file"]).name.removesuffix(".placement.json")
+        entry = {"key": key, "method": row["method"], "files": [], "note": ""}
+        done.append(entry)
+        if row["method"] == "linear" and row["redundant"] == 0:
+            entry["note"] = "the engine's default placement: start it without a placement file"
+            continue
+        placement = load_placement(out_dir / row["placement_file"])
+        target = out_dir / "recommended" / f"{key}.sglang.json"
+        try:
+            written, flags = write_engine_files(
+                placement, "sglang", target, LayerAxis.resolve(placement.num_layers, model),
+                model_path=model.hf_id, num_nodes=row["nodes"])
+        except InputError as exc:
+            entry["note"] = f"not exported: {exc}"
+            continue
+        launch = target.with_name(f"{key}.launch.txt")
+        write_together({launch: lambda handle, text=flags: handle.write(text + "\n")})
+        entry["files"] = [str(path) for path in [*written, launch]]
+        entry["note"] = flags
+    return done
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moetuner.cli.progress import set_quiet
 from moetuner.errors import InputError
 
 app = typer.Typer(
@@ -88,6 +89,7 @@ def command(name: str) -> Callable[[Callable], Callable]:
     def wrap(function: Callable) -> Callable:
         @functools.wraps(function)
         def checked(*args, **kwargs):
+            set_quiet(kwargs.get("quiet", False))
             try:
                 return function(*args, **kwargs)
             except InputError as exc:

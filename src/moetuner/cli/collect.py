@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moetuner.cli import command, console
-from moetuner.cli.options import token_progress
+from moetuner.cli.progress import progress
 from moetuner.collect import collect_trace, load_model, read_texts
 from moetuner.errors import InputError
 from moetuner.io import check_outputs
@@ -36,8 +36,7 @@ def collect_command(
             raise InputError(flag, flag[2:].replace("-", "_"), f"an integer >= {lowest}", value)
     texts, datasets = read_texts(data)
     loaded, tokenizer = load_model(model, device)
-    progress, advance = token_progress(len(texts), f"routing {len(texts)} prompts")
-    with progress:
+    with progress(f"routing {len(texts)} prompts", len(texts), "prompts") as advance:
         trace = collect_trace(loaded, tokenizer, texts, output, datasets, batch_size, max_length,
                         decode_tokens, advance)
     console.print(f"recorded {trace.num_tokens} tokens x {trace.num_layers} MoE layers, "

@@ -23,13 +23,14 @@ from moetuner.cli.options import (
     JsonFlag,
     KernelFlag,
     ModelName,
-    Nodes,
     NumSteps,
     Online,
     OnlinePreset,
     PhaseFlag,
     PlacementGpus,
+    PlacementNodes,
     Placements,
+    Quiet,
     ReplayFlag,
     ReplicaPolicy,
     Select,
@@ -40,6 +41,8 @@ from moetuner.cli.options import (
     cluster_from_flags,
     no_tokens,
 )
+from moetuner.cli.progress import progress
+from moetuner.cli.verdict import ExportBest, ExportFormat, add_memory, check_export, verdict
 from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.engine import EXEC_MODELS, EngineSettings, kernel_for
@@ -47,10 +50,10 @@ from moetuner.errors import InputError
 from moetuner.evaluate import Replay, check_compatible, compare, model_for_trace
 from moetuner.formats import read_placement
 from moetuner.inputs import read_trace
-from moetuner.io import MAX_PAIR_CELLS
+from moetuner.io import MAX_PAIR_CELLS, check_outputs
 from moetuner.models import ModelSpec, get_model
 from moetuner.online import OnlinePolicy, online_policy
-from moetuner.placement import Placement
+from moetuner.placement import Placement, recorded_nodes
 from moetuner.steps import StepPlan, Steps
 from moetuner.trace import Trace
 
@@ -151,8 +154,21 @@ class EvaluationInputs:
                 "sample": self.sample()}
 
 
+def default_nodes(placements: dict[str, Placement], num_gpus: int) -> int:
+    """The node count the placements of ``num_gpus`` GPUs were made for (1 when none records
+    one); an ``InputError`` asking for ``--nodes`` when they record different counts."""
+    recorded = {name: recorded_nodes(p) for name, p in placements.items()
+                if p.num_gpus == num_gpus}
+    counts = sorted({n for n in recorded.values() if n is not None})
+    if len(counts) > 1:
+        raise InputError("--nodes", "num_nodes", "a node count: the placements were made for "
+                         "different clusters (" + ", ".join(
+                             f"{name}: {n}" for name, n in recorded.items() if n) + " nodes)")
+    return counts[0] if counts else 1
+
+
 def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
-                drop: list[str] | None, model: str | None, gpus: int | None, nodes: int,
+                drop: list[str] | None, model: str | None, gpus: int | None, nodes: int | None,
                 gpu: str, intra_bw: float | None, inter_bw: float | None, exec_model: str,
                 replica_policy: str, calibration: Path | None, plan: StepPlan = StepPlan(),
                 kernel: str | None = None, online: str | None = None,
@@ -172,8 +188,9 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     events = read_trace(trace, select or (), drop or ())
     if not events.num_tokens:
         raise no_tokens(str(trace), select, drop, "topk_ids")
-    cluster = cluster_from_flags(next(iter(loaded.values())).num_gpus if gpus is None else gpus,
-                                 nodes, gpu, intra_bw, inter_bw)
+    num_gpus = next(iter(loaded.values())).num_gpus if gpus is None else gpus
+    cluster = cluster_from_flags(num_gpus, default_nodes(loaded, num_gpus) if nodes is None
+                                 else nodes, gpu, intra_bw, inter_bw)
     if events.num_layers * cluster.num_gpus ** 2 > MAX_PAIR_CELLS:
         # The replay holds a [layers, G, G] traffic matrix per placement.
         raise InputError("--gpus", "num_gpus", f"layers x G x G at most {MAX_PAIR_CELLS}",
@@ -200,8 +217,8 @@ def comparison_table(rows: list[dict], title: str = "MoE layers on the evaluatio
     table.add_column("placement", no_wrap=True)
     table.add_column("exec")
     online = any("experts_moved" in row for row in rows)
-    for column in ("slots", "step imb.", "remote nodes", "x-node", "ms/step", "p99 ms",
-                   "disp / comp / comb ms", "tokens/s", "speedup") + (
+    for column in ("slots", "expert GB/GPU", "step imb.", "remote nodes", "x-node", "ms/step",
+                   "p99 ms", "disp / comp / comb ms", "tokens/s", "speedup") + (
                        ("moved", "move ms/step") if online else ()):
         table.add_column(column, justify="right")
     for row in rows:
@@ -209,20 +226,23 @@ def comparison_table(rows: list[dict], title: str = "MoE layers on the evaluatio
                  if "experts_moved" in row else ["", ""])
         split = " / ".join(f"{row[name] / max(row['steps'], 1) * 1e3:.3f}"
                            for name in ("dispatch_s", "compute_s", "combine_s"))
+        memory = row.get("expert_memory_per_gpu_bytes")
         table.add_row(row["placement"], row["exec_model"], str(row["slots_per_gpu"]),
+                      "-" if memory is None else f"{memory / 1e9:.2f}",
                       f"{row['step_imbalance']:.3f}", f"{row['remote_nodes_per_token']:.2f}",
                       f"{row['share_cross_node']:.1%}",
                       f"{row['mean_step_time_s'] * 1e3:.3f}",
                       f"{row['p99_step_time_s'] * 1e3:.3f}", split,
                       f"{row['tokens_per_s']:.4g}",
                       f"{row['speedup_vs_linear']:.3f}x", *(moves if online else []))
-    table.caption = ("step imb.: per step, sum of busiest / sum of mean GPU load; remote "
-                     "nodes: distinct remote nodes a token reaches per layer; x-node: share "
-                     "of token moves leaving the node; ms/step: predicted MoE layers per "
-                     "step, mean and p99, split into dispatch, slowest GPU's compute and "
-                     "combine; speedup: linear's mean step time over this row's (online rows: "
-                     "plus their move time per step); moved, move ms/step: online "
-                     "rebalancing's expert moves and their time amortised per step")
+    table.caption = ("expert GB/GPU: expert weights each GPU holds; step imb.: per step, sum "
+                     "of busiest / sum of mean GPU load; remote nodes: distinct remote nodes a "
+                     "token reaches per layer; x-node: share of token moves leaving the node; "
+                     "ms/step: predicted MoE layers per step, mean and p99, split into "
+                     "dispatch, slowest GPU's compute and combine; speedup: linear's mean step "
+                     "time over this row's (online rows: plus their move time per step); "
+                     "moved, move ms/step: online rebalancing's expert moves and their time "
+                     "amortised per step")
     return table
 
 
@@ -234,7 +254,7 @@ def evaluate_command(
     drop: Drop = None,
     model: ModelName = None,
     gpus: PlacementGpus = None,
-    nodes: Nodes = 1,
+    nodes: PlacementNodes = None,
     gpu: GpuName = "h100",
     intra_bw: IntraBw = None,
     inter_bw: InterBw = None,
@@ -254,16 +274,28 @@ def evaluate_command(
     window: Window = None,
     interval: Interval = None,
     as_json: JsonFlag = False,
+    export_best: ExportBest = None,
+    export_format: ExportFormat = "sglang",
+    quiet: Quiet = False,
 ) -> None:
     """Compare placements on a held-out trace, engine step by engine step at serving scale:
-    balance, traffic, predicted MoE time per step (and online rebalancing with --online)."""
+    balance, traffic, predicted MoE time per step (and online rebalancing with --online);
+    then the verdict: the placement to deploy per phase and execution model, exported with
+    --export-best."""
+    check_outputs(check_export(export_best, export_format), [*placements, trace])
     plan = StepPlan(phase, replay, tokens_per_gpu, num_steps, seed, concurrency, step_tokens)
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration, plan, kernel,
                          online, online_preset, window, interval)
-    rows, _ = inputs.compare()
+    with progress(f"replaying {inputs.trace.num_tokens} tokens"):
+        rows, _ = inputs.compare()
+    memory = add_memory(rows, inputs.model, inputs.trace.num_layers, inputs.cluster)
+    result = verdict(rows, inputs.placements, memory, inputs.model, inputs.cluster,
+                     "whole trace" if plan.source == "average" else plan.phase,
+                     export_format, export_best)
     if as_json:
-        print(json.dumps({**inputs.header(), "rows": rows}, indent=2))
+        print(json.dumps({**inputs.header(), "rows": rows, "memory_warnings": memory,
+                          "verdict": result.to_dict()}, indent=2))
         return
     # Wide enough for the table when the output is not a terminal (rich assumes 80 columns).
     Console(width=max(console.width, 160)).print(comparison_table(rows, inputs.title()))
@@ -280,3 +312,7 @@ def evaluate_command(
                   f"MoE times are {MODEL_NOTE}.")
     for note in inputs.warnings():
         console.print(f"warning: {note}", style="yellow", markup=False, highlight=False)
+    for name, warning in memory.items():
+        console.print(f"warning: {name}: {warning}", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
+    console.print("\n".join(result.lines), markup=False, highlight=False, soft_wrap=True)

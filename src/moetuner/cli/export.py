@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moetuner.cli import command, console
-from moetuner.cli.options import profile_with_progress
+from moetuner.cli.options import PlacementNodes, Quiet, profile_with_progress
 from moetuner.errors import InputError
 from moetuner.export import (
     DEFAULT_SGLANG_BACKEND,
@@ -21,6 +21,7 @@ from moetuner.export import (
 from moetuner.formats import read_placement
 from moetuner.io import check_outputs
 from moetuner.models import get_model
+from moetuner.placement import recorded_nodes
 
 
 def parse_layer_list(text: str | None) -> tuple[int, ...]:
@@ -51,6 +52,8 @@ def export_command(
         "--backend", help="--format sglang: SGLang's --moe-a2a-backend, one of "
         f"{', '.join(SGLANG_A2A_BACKENDS)} (default {DEFAULT_SGLANG_BACKEND}); every one but "
         "none needs each expert's replicas on distinct GPUs")] = None,
+    nodes: PlacementNodes = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write a placement in the file a serving engine loads and print the flags to use it.
 
@@ -67,9 +70,20 @@ def export_command(
     if spec is not None and data.num_experts != spec.num_experts:
         raise InputError(str(source), "num_experts", f"{spec.num_experts} experts per layer, "
                          f"as {spec.name} has", data.num_experts)
-    axis = LayerAxis.resolve(data.num_layers, spec, num_hidden_layers,
-                             parse_layer_list(dense_layers))
-    written, flags = write_engine_files(data, fmt, output, axis, backend)
+    note = ""
+    if spec is None and num_hidden_layers is None and not dense_layers \
+            and fmt.startswith("sglang"):
+        axis, spec, note = LayerAxis.guess(data.num_layers, data.num_experts)
+    else:
+        axis = LayerAxis.resolve(data.num_layers, spec, num_hidden_layers,
+                                 parse_layer_list(dense_layers))
+    if nodes is None:
+        nodes = (recorded_nodes(data) if fmt != "sglang-count" else None) or 1
+    written, flags = write_engine_files(
+        data, fmt, output, axis, backend,
+        **({} if spec is None else {"model_path": spec.hf_id}), num_nodes=nodes)
     # soft_wrap: the flags stay on one line, ready to copy.
     console.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+    if note:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     console.print(flags, markup=False, highlight=False, soft_wrap=True)

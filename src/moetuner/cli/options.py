@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
+from moetuner.cli.progress import progress
 from moetuner.cluster import Cluster, make_cluster
 from moetuner.errors import InputError
 from moetuner.inputs import expand_shards, is_trace, profile_shards, read_trace, shard_tokens
@@ -35,6 +25,8 @@ Drop = Annotated[
 ]
 Gpus = Annotated[int, typer.Option("--gpus", help="expert-parallel GPUs (G)")]
 Nodes = Annotated[int, typer.Option("--nodes", help="nodes; G must be a multiple")]
+PlacementNodes = Annotated[int | None, typer.Option(
+    "--nodes", help="nodes; G must be a multiple (default: the placements' cluster, else 1)")]
 GpuName = Annotated[str, typer.Option("--gpu", help="GPU preset: h100, h200, a100, b200")]
 IntraBw = Annotated[float | None, typer.Option("--intra-bw",
                                                 help="GB/s per GPU inside a node (NVLink)")]
@@ -52,31 +44,11 @@ def cluster_from_flags(gpus: int, nodes: int, gpu: str, intra_bw: float | None,
 
 Workers = Annotated[int, typer.Option(
     "--workers", help="processes profiling shards of a directory or glob at once")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="no progress display (it shows only on a terminal anyway)")]
 RayAddress = Annotated[str | None, typer.Option(
     "--ray", help="run on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT "
     "(pip install 'moetuner\\[ray]')")]
-
-
-class _Rate(ProgressColumn):
-    """Items per second, e.g. ``2,350,000 tokens/s``."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s")
-
-
-def token_progress(total: int | None, description: str, unit: str = "tokens"
-                   ) -> tuple[Progress, Callable[[int], None]]:
-    """A rich progress bar over ``total`` items (None: unknown, no ETA) with the rate and
-    the time left, and the callback that advances it."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        _Rate(unit), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), transient=True)
-    task = progress.add_task(description, total=total)
-    return progress, lambda n: progress.advance(task, n)
 
 
 def no_tokens(sources: str, select: Sequence[str] | None, drop: Sequence[str] | None,
@@ -104,8 +76,7 @@ def profile_with_progress(path: str, select: list[str] | None, drop: list[str] |
     trace = read_trace(path, select or (), drop or ())
     if not trace.num_tokens:
         raise no_tokens(path, select, drop)
-    progress, advance = token_progress(trace.num_tokens, f"profiling {trace.num_tokens} tokens")
-    with progress:
+    with progress(f"profiling {trace.num_tokens} tokens", trace.num_tokens, "tokens") as advance:
         return profile_trace(trace, progress=advance, **steps)
 
 
@@ -120,8 +91,7 @@ def profile_paths_with_progress(paths: Sequence[str | Path], select: list[str] |
     else:
         sizes = [shard_tokens(shard) for shard in shards]
         total = None if None in sizes else sum(sizes)
-        progress, advance = token_progress(total, f"profiling {len(shards)} shard(s)")
-        with progress:
+        with progress(f"profiling {len(shards)} shard(s)", total, "tokens") as advance:
             profile = profile_shards(shards, select or (), drop or (), workers, advance,
                                      ray_address)
     if not profile.load.any():

@@ -17,11 +17,13 @@ from moetuner.cli.options import (
     InterBw,
     IntraBw,
     Nodes,
+    Quiet,
     Select,
     cluster_from_flags,
     no_tokens,
     profile_with_progress,
 )
+from moetuner.cli.progress import progress
 from moetuner.engine import EXEC_MODELS
 from moetuner.errors import InputError
 from moetuner.inputs import read_trace
@@ -102,6 +104,7 @@ def place_command(
         "trace(s), e.g. seq_category (drift-aware joint)")] = None,
     select: Select = None,
     drop: Drop = None,
+    quiet: Quiet = False,
 ) -> None:
     """Place the experts of traces (profiled on the fly) or profiles on GPUs."""
     check_outputs([output], sources)
@@ -128,7 +131,8 @@ def place_command(
                         robust or "mean")
     options = PlaceOptions(redundant=redundant, time_limit=time_limit, seed=seed, gap=gap,
                            exec_model=exec_model or PlaceOptions.exec_model, params=params)
-    placement, record = place(workload, cluster, method, options)
+    with progress(f"placing with {method} (time limit {time_limit:g} s)"):
+        placement, record = place(workload, cluster, method, options)
     profile = workload.total
     placement.save(output)
     console.print(summary_table(record, gpu_load_ratio(placement, profile)))

@@ -14,6 +14,7 @@ from moetuner.cli.options import (
     Concurrency,
     Drop,
     PhaseFlag,
+    Quiet,
     RayAddress,
     ReplayFlag,
     Select,
@@ -46,6 +47,7 @@ def profile_command(
     tokens_per_gpu: TokensPerGpu = None,
     concurrency: Concurrency = None,
     step_tokens: StepTokens = None,
+    quiet: Quiet = False,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
     check_outputs([output], traces)

@@ -21,13 +21,14 @@ from moetuner.cli.options import (
     IntraBw,
     KernelFlag,
     ModelName,
-    Nodes,
     NumSteps,
     Online,
     OnlinePreset,
     PhaseFlag,
     PlacementGpus,
+    PlacementNodes,
     Placements,
+    Quiet,
     ReplayFlag,
     ReplicaPolicy,
     Select,
@@ -36,6 +37,7 @@ from moetuner.cli.options import (
     TokensPerGpu,
     Window,
 )
+from moetuner.cli.progress import progress
 from moetuner.errors import InputError
 from moetuner.io import check_outputs
 from moetuner.profile import profile_trace
@@ -53,7 +55,7 @@ def report_command(
     drop: Drop = None,
     model: ModelName = None,
     gpus: PlacementGpus = None,
-    nodes: Nodes = 1,
+    nodes: PlacementNodes = None,
     gpu: GpuName = "h100",
     intra_bw: IntraBw = None,
     inter_bw: InterBw = None,
@@ -72,6 +74,7 @@ def report_command(
     online_preset: OnlinePreset = "vllm",
     window: Window = None,
     interval: Interval = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write an HTML report (table, load and traffic heatmaps, transitions) into a directory."""
     from moetuner.report import FILES, write_report  # matplotlib: imported only to plot
@@ -89,6 +92,7 @@ def report_command(
                          f"a layer in [0, {inputs.trace.num_layers - 1}) (it has a next one)",
                          layer)
     transitions = profile_trace(inputs.trace).transitions[layer]
-    rows, replays = inputs.compare()
+    with progress(f"replaying {inputs.trace.num_tokens} tokens"):
+        rows, replays = inputs.compare()
     page = write_report(output, rows, replays, transitions, layer, inputs.header())
     console.print(f"wrote {page} (MoE times are predicted by a cost model, not measured)")

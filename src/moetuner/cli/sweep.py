@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from moetuner.cli import command, console
-from moetuner.cli.options import Calibration, Drop, ModelName, RayAddress, Select
+from moetuner.cli.options import Calibration, Drop, ModelName, Quiet, RayAddress, Select
+from moetuner.cli.progress import progress
 from moetuner.errors import InputError
 from moetuner.sweep import (
     TIME_COLUMN,
@@ -83,6 +84,7 @@ def sweep_command(
     workers: Annotated[int | None, typer.Option(
         "--workers", help="local processes, or CPUs of a local Ray (default: all CPUs)")] = None,
     ray: RayAddress = None,
+    quiet: Quiet = False,
 ) -> None:
     """Place and evaluate every point of a grid; write a table and a Pareto page."""
     inputs, grid, options = load_grid_file(grid_file) if grid_file else ({}, {}, {})
@@ -111,8 +113,10 @@ def sweep_command(
         evaluation=EvalOptions(**{key: options[key] for key in ("replica_policy",)
                                   if key in options}))
     start = time.perf_counter()
-    result = run_sweep(sweep_inputs, sweep_grid, output, options.get("workers"),
-                       options.get("ray"))
+    with progress("sweep: points placed and evaluated") as report:
+        result = run_sweep(sweep_inputs, sweep_grid, output, options.get("workers"),
+                           options.get("ray"),
+                           lambda done, total: report(completed=done, total=total))
     table = Table("G", "GPU", "exec", "batching", "N", "R", "method", TIME_LABEL,
                   "vs linear", title="Recommended configuration per GPU count")
     for row in recommend(result.rows):
@@ -124,5 +128,10 @@ def sweep_command(
     console.print(table)
     console.print(f"{len(result.rows)} points ({result.computed} computed, {result.reused} "
                   f"from an earlier run, {len(result.skipped)} skipped) in "
-                  f"{time.perf_counter() - start:.1f} s -> {result.page}", markup=False,
-                  highlight=False)
+                  f"{time.perf_counter() - start:.1f} s -> {result.page}; each point's "
+                  f"placement in {output / 'points'}", markup=False, highlight=False)
+    for entry in result.exported:
+        files = ", ".join(entry["files"])
+        console.print(f"recommended {entry['method']} ({entry['key']}): "
+                      + (f"exported to {files}" if files else entry["note"]), markup=False,
+                      highlight=False, soft_wrap=True)
