@@ -145,6 +145,10 @@ def test_cli_evaluates_a_stat_dump_on_its_recorded_steps(tmp_path, capsys):
     assert [row["placement"] for row in report["rows"]] == ["linear", "linear2"]
     assert report["rows"][1]["mean_step_time_s"] == pytest.approx(times.mean_step_time)
     assert [row["steps"] for row in report["rows"]] == [3, 3]
+    for flags in (["--online", "eplb"], ["--select", "seq_dataset=x"]):
+        assert run(["evaluate", str(placement), "--trace", str(dump), *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and flags[0] in lines[0] and "per-token trace" in lines[0]
     # The same steps from a profile file.
     read_profile(dump).save(tmp_path / "p.npz")
     assert run(["evaluate", str(placement), "--trace", str(tmp_path / "p.npz"), "--json"]) == 0

@@ -308,6 +308,10 @@ def evaluate_command(
     balance, traffic, predicted MoE time per step (and online rebalancing with --online).
     A profile with per-step loads (an SGLang stat dump) is evaluated on its recorded steps."""
     if not is_trace(trace):
+        for flag, value in (("--online", online), ("--select", select), ("--drop", drop)):
+            if value:
+                raise InputError(flag, flag.lstrip("-"), f"a per-token trace ({trace} holds "
+                                 "loads: no sequences to select, no online replay)")
         evaluate_step_loads(placements, trace, model, gpus, nodes, gpu, intra_bw, inter_bw,
                             calibration, kernel_for(phase, kernel), as_json)
         return
