@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from conftest import random_trace
 from moetuner.cli import run
 from moetuner.cluster import make_cluster
 from moetuner.costmodel import StepCost
 from moetuner.engine import EngineSettings
 from moetuner.errors import InputError
-from moetuner.evaluate import STEP_LOADS_NOTE, replay_step_loads
+from moetuner.evaluate import STEP_LOADS_NOTE, replay_step_loads, replay_steps
 from moetuner.inputs import read_profile
 from moetuner.methods import PlaceOptions, place
 from moetuner.methods._joint_objective import build_problem, model_for, steps_from_step_loads
@@ -21,6 +22,7 @@ from moetuner.models import MODELS, ModelSpec
 from moetuner.placement import Placement
 from moetuner.profile import Profile, load_profile
 from moetuner.shards import sum_profiles
+from moetuner.steps import prefill_steps
 
 # [buffer_steps = 3, num_hidden_layers = 3, E = 4]: layer 0 dense (never counted), step 1
 # empty (dropped).
@@ -213,3 +215,23 @@ def test_joint_optimises_on_recorded_step_loads(tmp_path):
     assert placement.phy2log.shape == (32, 8)
     assert sorted(placement.phy2log[0].tolist()) == list(range(8))
     assert "3 sampled steps" in record.objective_name
+
+
+def test_step_loads_agree_with_the_token_replay_on_compute_without_replicas():
+    """Without replicas a GPU's pairs and active slots follow from the loads alone: the
+    per-step compute, peak and mean loads equal the token-level replay's on the same steps."""
+    trace = random_trace(np.random.default_rng(3), 90, 2, 8, 2)
+    model = ModelSpec("t", "none", 2, (), 8, 2, 64, 32)
+    cluster = make_cluster(4, 2)
+    placement = Placement(np.array([[3, 1, 0, 7, 6, 2, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7]]), 4, 8)
+    steps = prefill_steps(trace.num_tokens, 20, 4)
+    ids = trace.topk_ids[steps.order]                                         # [T, L, k]
+    step = np.repeat(np.arange(steps.num_steps), steps.sizes)
+    index = (step[:, None, None] * 2 + np.arange(2)[None, :, None]) * 8 + ids
+    loads = np.bincount(index.ravel(), minlength=steps.num_steps * 16).reshape(-1, 2, 8)
+    _, exact = replay_steps(placement, trace, cluster, model, steps)
+    times = replay_step_loads(placement, loads, cluster, model)
+    assert times.tokens.tolist() == steps.sizes.tolist() == [20, 20, 20, 20, 10]
+    assert np.array_equal(times.peak_load, exact.peak_load)
+    assert np.array_equal(times.mean_load, exact.mean_load)
+    assert np.allclose(times.compute, exact.compute)
