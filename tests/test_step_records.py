@@ -151,6 +151,8 @@ def test_cli_evaluates_a_stat_dump_on_its_recorded_steps(tmp_path, capsys):
         assert run(["evaluate", str(placement), "--trace", str(dump), *flags]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and flags[0] in lines[0] and "per-token trace" in lines[0]
+    assert run(["info", str(dump)]) == 0
+    assert "3 recorded engine steps (per-step loads)" in capsys.readouterr().out
     # The same steps from a profile file.
     read_profile(dump).save(tmp_path / "p.npz")
     assert run(["evaluate", str(placement), "--trace", str(tmp_path / "p.npz"), "--json"]) == 0

@@ -91,4 +91,7 @@ def info_command(
     for entry in profile.provenance:
         console.print(f"  source {entry.get('source')} ({entry.get('selection')}), "
                       f"{entry.get('tokens')} tokens", markup=False, highlight=False)
+    if profile.step_loads is not None:
+        console.print(f"  {profile.step_loads.shape[0]} recorded engine steps (per-step loads)",
+                      markup=False, highlight=False)
     console.print(profile_table(profile))
