@@ -14,6 +14,9 @@ step plan of source ``average`` keeps the whole-trace average (``costmodel.predi
 steps (``Steps.chunks``), one compiled pass per MoE layer; memory holds a chunk's per-token
 arrays, its per-(step, slot) counts, per-(step, layer) scalars and ``[L, G, G]`` totals.
 ``evaluate_online`` replays with online rebalancing (``moetuner.online``).
+``replay_step_loads`` / ``compare_step_loads`` cost the steps an engine recorded as per-step
+loads (``Profile.step_loads``) instead of a token-level trace (``STEP_LOADS_NOTE`` says what
+loads alone cannot tell).
 
 Every token has a home GPU: its step's (``Steps.home``: in decode, its running sequence's
 rank); without steps ``t mod G`` (data-parallel attention spreads tokens evenly) or what the
@@ -44,6 +47,7 @@ from moetuner.methods.linear import linear_phy2log
 from moetuner.models import ModelSpec, model_with_shape
 from moetuner.online import Moves, OnlinePolicy, move_cost, window_load
 from moetuner.placement import Placement
+from moetuner.profile import check_step_loads
 from moetuner.steps import StepPlan, Steps, whole_trace
 from moetuner.trace import Trace
 
@@ -51,6 +55,14 @@ from moetuner.trace import Trace
 # (step, slot) cells of a chunk's per-step counts.
 CHUNK_TOKENS = 65536
 CHUNK_CELLS = 1 << 22
+STEP_LOADS_NOTE = (
+    "recorded per-step loads give each GPU's pairs and active slots exactly (replicas "
+    "sharing their expert's count evenly); they cannot tell which experts a token chose "
+    "together nor on which GPU it started, so messages assume tokens spread evenly over "
+    "GPUs, the deepep-normal kernel's per-node de-duplication is not applied (one message "
+    "per pair: an upper bound), the return execution model is used, and remote nodes per "
+    "token are unknown; token-level traces (SGLang per_token dumps, vLLM routed_experts) "
+    "tell them")
 
 
 def check_compatible(placement: Placement, trace: Trace, cluster: Cluster) -> None:
@@ -380,3 +392,87 @@ def compare(
             served = row["mean_step_time_s"] + row.get("move_time_per_step_s", 0.0)
             row["speedup_vs_linear"] = linear_time / served if served else float("inf")
     return rows, replays
+
+
+def replay_step_loads(
+    placement: Placement,
+    step_loads: np.ndarray,
+    cluster: Cluster,
+    model: ModelSpec,
+    settings: EngineSettings = EngineSettings(),
+    coefficients: CostCoefficients | None = None,
+) -> StepTimes:
+    """Predict the MoE time of engine steps recorded as loads (``Profile.step_loads``).
+
+    Per step and layer: each expert's count splits evenly over its replicas (``even``'s
+    average), giving each slot's pairs (float) and each GPU's pairs and active slots. Tokens
+    are assumed spread evenly over the GPUs, so a pair computed on GPU g comes from each GPU
+    with probability 1/G: g receives its pairs x (G/N - 1)/G inside its node and x (1 -
+    1/N) across, and GPU c sends 1/G of the pairs of every other GPU of its node inside it
+    and 1/G of the pairs of every other node's GPUs across. Every kernel is counted as one
+    message per pair (for ``deepep-normal``, which de-duplicates per node, an upper bound);
+    combine is dispatch run backwards (``return``; ``settings`` gives the kernel only).
+    ``costmodel.StepCost`` costs the counts (``STEP_LOADS_NOTE``).
+
+    Args:
+        placement: ``phy2log [L, P]`` on G GPUs.
+        step_loads: int ``[S, L, E]`` tokens per step, layer and expert.
+        cluster: G GPUs on N nodes.
+        model: the model (its k counts a step's tokens: the busiest layer's pairs / k).
+
+    Returns:
+        ``StepTimes`` of the S steps.
+    """
+    check_step_loads(step_loads, placement.num_layers, placement.num_experts, "step_loads")
+    if placement.num_gpus != cluster.num_gpus:
+        raise InputError(placement.source, "num_gpus", f"the cluster's {cluster.num_gpus} GPUs",
+                         placement.num_gpus)
+    cost = StepCost(model, cluster, coefficients, settings.kernel)
+    G, S, L = cluster.num_gpus, step_loads.shape[0], placement.num_layers
+    node = cluster.node_of_gpu
+    same = node[:, None] == node[None, :]                                      # [G, G]
+    inside = (same & ~np.eye(G, dtype=bool)).astype(np.float64)
+    per_node = G // cluster.num_nodes
+    times = np.zeros((5, S, L))
+    for layer in range(L):
+        row = placement.phy2log[layer]
+        used = row >= 0
+        replicas = np.bincount(row[used], minlength=placement.num_experts)
+        slot_pairs = np.zeros((S, row.size))
+        slot_pairs[:, used] = step_loads[:, layer, row[used]] / replicas[row[used]]
+        pairs = slot_pairs.reshape(S, G, -1).sum(axis=2)                       # [S, G]
+        dispatch = np.stack([pairs @ inside / G, pairs * (per_node - 1) / G,
+                             pairs @ (~same).astype(np.float64) / G,
+                             pairs * (G - per_node) / G])                      # [4, S, G]
+        times[:3, :, layer] = cost.layer(LayerCounts(slot_pairs, dispatch, None),
+                                         placement.slots_per_gpu)
+        times[3, :, layer] = pairs.max(axis=1)
+        times[4, :, layer] = pairs.mean(axis=1)
+    tokens = -(-step_loads.sum(axis=2).max(axis=1, initial=0) // model.top_k)
+    return StepTimes(tokens.astype(np.int64), *times,
+                     batching=f"{S} recorded engine steps (per-step loads)")
+
+
+def compare_step_loads(
+    placements: dict[str, Placement],
+    step_loads: np.ndarray,
+    cluster: Cluster,
+    model: ModelSpec,
+    settings: EngineSettings = EngineSettings(),
+    coefficients: CostCoefficients | None = None,
+) -> list[dict]:
+    """``replay_step_loads`` of every placement (``linear`` added as in ``compare``): one row
+    of ``StepTimes.summary`` per placement, with ``speedup_vs_linear``."""
+    placements = dict(placements)
+    if "linear" not in placements and placements:
+        placements = {"linear": linear_reference(next(iter(placements.values()))),
+                      **placements}
+    rows = [{"placement": name, "slots_per_gpu": placement.slots_per_gpu,
+             "kernel": settings.kernel,
+             **replay_step_loads(placement, step_loads, cluster, model, settings,
+                                 coefficients).summary()}
+            for name, placement in placements.items()]
+    for row in rows:
+        served = row["mean_step_time_s"]
+        row["speedup_vs_linear"] = rows[0]["mean_step_time_s"] / served if served else 1.0
+    return rows

@@ -123,11 +123,11 @@ def get_model(name: str) -> ModelSpec:
         raise InputError("--model", "name", f"one of {', '.join(MODELS)}", repr(name)) from None
 
 
-def model_with_shape(num_layers: int, num_experts: int, top_k: int) -> ModelSpec | None:
-    """The first preset with these MoE layers, experts and k, or None."""
+def model_with_shape(num_layers: int, num_experts: int, top_k: int | None) -> ModelSpec | None:
+    """The first preset with these MoE layers, experts and k (any k when None), or None."""
     for model in MODELS.values():
-        if (model.num_moe_layers, model.num_experts, model.top_k) == (num_layers, num_experts,
-                                                                        top_k):
+        if (model.num_moe_layers, model.num_experts) == (num_layers, num_experts) \
+                and top_k in (None, model.top_k):
             return model
     return None
 

@@ -13,6 +13,9 @@ Counting conventions (L MoE layers, E experts, k experts per token):
   ``coactivation[l, i, i] == load[l, i]``.
 - ``steps`` (optional, ``StepSample``): a few engine steps drawn from the trace the way the
   evaluator forms them (``moetuner.steps``), kept token by token, for per-step objectives.
+- ``step_loads[s, l, i]`` (optional): tokens that chose expert i in layer l in engine step s,
+  as an engine recorded its production steps (SGLang's ``stat`` dumps); steps without tokens
+  dropped. Loads only: which experts a token chose together is not kept.
 
 All counts are computed in bounded-memory chunks by one compiled (numba) pass over each
 chunk that increments the four count arrays in place: about ten times the speed of the
@@ -251,6 +254,8 @@ class Profile:
         provenance: one dict per source (``source``, ``selection``, ``tokens``).
         steps: engine steps sampled token by token (``StepSample``), or None. Adding two
             profiles keeps both samples' steps (concatenated) when both have one.
+        step_loads: int64 ``[S, L, E]`` per-step loads an engine recorded (module
+            docstring), or None; adding two profiles concatenates them when both have some.
     """
 
     load: np.ndarray
@@ -264,6 +269,7 @@ class Profile:
     provenance: list[dict] = field(default_factory=list)
     source: str = "<memory>"
     steps: StepSample | None = None
+    step_loads: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -302,10 +308,13 @@ class Profile:
             counts[name] = a + b if a is not None and b is not None else None
         steps = (self.steps + other.steps if self.steps is not None
                  and other.steps is not None else None)
+        step_loads = (np.concatenate([self.step_loads, other.step_loads])
+                      if self.step_loads is not None and other.step_loads is not None else None)
         return Profile(load=self.load + other.load, top_k=self.top_k,
                        tokens=self.tokens + other.tokens, **counts,
                        provenance=self.provenance + other.provenance,
-                       source=f"{self.source} + {other.source}", steps=steps)
+                       source=f"{self.source} + {other.source}", steps=steps,
+                       step_loads=step_loads)
 
     def skew(self) -> np.ndarray:
         """``[L]`` busiest expert's load / mean expert load per layer (1.0 = uniform)."""
@@ -332,6 +341,8 @@ class Profile:
                 arrays[name] = getattr(self, name)
         if self.steps is not None:
             arrays.update(self.steps.arrays())
+        if self.step_loads is not None:
+            arrays["step_loads"] = self.step_loads
         arrays["top_k"] = np.asarray(self.top_k)
         arrays["tokens"] = np.asarray(self.tokens)
         arrays["provenance_json"] = np.asarray(json.dumps(self.provenance))
@@ -401,6 +412,21 @@ def _validate(p: Profile) -> None:
         if ids.shape[1:] != (L, p.top_k) or (ids.size and int(ids.max()) >= E):
             raise InputError(src, "step_ids", f"[n, {L}, {p.top_k}] expert ids below {E}",
                              f"{list(ids.shape)}")
+    if p.step_loads is not None:
+        check_step_loads(p.step_loads, L, E, src)
+
+
+def check_step_loads(step_loads: np.ndarray, num_layers: int, num_experts: int,
+                     source: str | os.PathLike) -> None:
+    """Raise ``InputError`` unless ``step_loads`` is non-negative integer counts
+    ``[S, num_layers, num_experts]``."""
+    array = np.asarray(step_loads)
+    expected = f"non-negative integer counts [steps, {num_layers}, {num_experts}]"
+    if array.ndim != 3 or array.shape[1:] != (num_layers, num_experts) \
+            or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(source, "step_loads", expected, f"{array.dtype} {list(array.shape)}")
+    if array.size and array.min() < 0:
+        raise InputError(source, "step_loads", expected, f"minimum {array.min()}")
 
 
 def check_count_size(num_layers: int, num_experts: int, source: str) -> None:
@@ -569,7 +595,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise InputError(path, "provenance_json", "a JSON string",
                          f"{provenance_json.dtype} {list(provenance_json.shape)}")
     provenance = parse_json(str(provenance_json), path, "provenance_json", "a JSON list")
-    known = set(_COUNT_FIELDS) | {"stability_load", "stability_transitions"}
+    known = set(_COUNT_FIELDS) | {"stability_load", "stability_transitions", "step_loads"}
     unknown = set(arrays) - known
     if unknown:
         raise InputError(path, ", ".join(sorted(unknown)), f"only the fields {sorted(known)}")

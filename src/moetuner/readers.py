@@ -16,8 +16,10 @@ Traces (per-token routing):
 Profiles (loads only):
 
 - SGLang recorder, ``stat`` mode (``.pt``): ``logical_count`` ``[buffer_steps,
-  num_hidden_layers, E]``, summed over steps; all-zero layers (dense ones) are dropped. The
-  dump does not say k, so the profile counts k = 1 (tokens = load per layer).
+  num_hidden_layers, E]`` non-negative integer counts, summed over steps into ``load`` and
+  kept per step (``Profile.step_loads``, steps without tokens dropped); all-zero layers
+  (dense ones) are dropped. The dump does not say k, so the profile counts k = 1 (tokens =
+  load per layer).
 - Plain loads ``[L, E]``: a ``.json`` list of lists, a ``.csv`` (one row per layer), or a
   floating ``.npy`` (an integer ``.npy`` is read as an ExFlow trace unless its name says
   ``load``).
@@ -25,6 +27,7 @@ Profiles (loads only):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Sequence
@@ -133,21 +136,30 @@ def read_sglang_per_token(path: Path, select: Sequence[str] = (), drop: Sequence
 
 
 def read_sglang_stat(path: Path) -> Profile:
-    """A loads-only profile from a ``stat`` recorder dump (dense layers dropped)."""
+    """A loads-only profile from a ``stat`` recorder dump, its steps kept (``step_loads``:
+    dense layers and steps without tokens dropped)."""
     data = load_pt(path)
     try:
         count = np.asarray(_numpy(data["logical_count"]))
     except (ValueError, TypeError, RecursionError, OverflowError):
         count = np.asarray(None)
+    expected = "non-negative integer counts [buffer_steps, num_hidden_layers, E]"
     if count.ndim != 3 or not _is_real(count):
-        raise InputError(path, "logical_count", "counts [buffer_steps, num_hidden_layers, E]",
-                         f"{count.dtype} {list(count.shape)}")
-    return _routed_layers(count.sum(axis=0), path)
+        raise InputError(path, "logical_count", expected, f"{count.dtype} {list(count.shape)}")
+    if count.size and not (np.isfinite(count).all() and count.min() >= 0
+                           and (count == np.round(count)).all()):
+        raise InputError(path, "logical_count", expected,
+                         f"minimum {count.min()}, {count.dtype}")
+    count = count.astype(np.int64)
+    profile, routed = _routed_layers(count.sum(axis=0), path)
+    steps = count[:, routed]
+    return dataclasses.replace(profile, step_loads=steps[steps.sum(axis=(1, 2)) > 0])
 
 
-def _routed_layers(load: np.ndarray, path: Path) -> Profile:
+def _routed_layers(load: np.ndarray, path: Path) -> tuple[Profile, np.ndarray]:
     """A loads-only profile of the layers of ``load [num_hidden_layers, E]`` that routed
-    tokens (dense layers, all zero, dropped)."""
+    tokens (dense layers, all zero, dropped), and bool ``[num_hidden_layers]`` which those
+    are."""
     if (load < 0).any() or not np.isfinite(load).all():
         raise InputError(path, "logical_count", "finite counts >= 0",
                          "negative or non-finite values")
@@ -155,7 +167,7 @@ def _routed_layers(load: np.ndarray, path: Path) -> Profile:
     if not routed.any():
         raise InputError(path, "logical_count", "at least one layer with routed tokens",
                          "all zero")
-    return Profile.from_load(load[routed], source=str(path))
+    return Profile.from_load(load[routed], source=str(path)), routed
 
 
 def read_sglang_count(path: Path) -> Profile:
@@ -170,7 +182,7 @@ def read_sglang_count(path: Path) -> Profile:
     if count.ndim != 2 or not count.size or not _is_real(count):
         raise InputError(path, "logical_count", "counts [num_hidden_layers, E]",
                          f"{count.dtype} {list(count.shape)}")
-    return _routed_layers(count, path)
+    return _routed_layers(count, path)[0]
 
 
 # ---------------------------------------------------------------- vLLM routed_experts

@@ -328,6 +328,7 @@ def sum_profiles(profiles: Iterable[Profile]) -> Profile:
     counts = {name: None if getattr(first, name) is None else getattr(first, name).copy()
               for name in _COUNT_FIELDS}
     provenance, tokens, sources = list(first.provenance), first.tokens, [first.source]
+    step_loads = None if first.step_loads is None else [first.step_loads]
     rest = itertools.chain([second], profiles)
     del first, second  # only the running sum is held while the next shards are profiled
     for profile in rest:
@@ -346,12 +347,19 @@ def sum_profiles(profiles: Iterable[Profile]) -> Profile:
                 grown = grown.astype(np.result_type(grown, added))
             grown[(slice(None),) + (slice(0, profile.num_experts),) * (added.ndim - 1)] += added
             counts[name] = grown
+        step_loads = (None if step_loads is None or profile.step_loads is None
+                      else [*step_loads, profile.step_loads])
         provenance += profile.provenance
         tokens += profile.tokens
         sources.append(profile.source)
         del profile  # not held while the next shard is profiled
+    experts = counts["load"].shape[1]
+    if step_loads is not None:  # each shard's steps, widened to the largest E
+        step_loads = np.concatenate([np.pad(part, ((0, 0), (0, 0),
+                                                   (0, experts - part.shape[2])))
+                                     for part in step_loads])
     return Profile(**counts, top_k=top_k, tokens=tokens, provenance=provenance,
-                   source=" + ".join(sources))
+                   source=" + ".join(sources), step_loads=step_loads)
 
 
 def _pad(counts: np.ndarray, num_experts: int) -> np.ndarray:

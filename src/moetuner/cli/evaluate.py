@@ -47,11 +47,18 @@ from moetuner.cluster import Cluster
 from moetuner.costmodel import MODEL_NOTE, CostCoefficients, load_coefficients
 from moetuner.engine import EXEC_MODELS, EngineSettings, kernel_for
 from moetuner.errors import InputError
-from moetuner.evaluate import Replay, check_compatible, compare, model_for_trace
+from moetuner.evaluate import (
+    STEP_LOADS_NOTE,
+    Replay,
+    check_compatible,
+    compare,
+    compare_step_loads,
+    model_for_trace,
+)
 from moetuner.formats import read_placement
-from moetuner.inputs import read_trace
+from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import MAX_PAIR_CELLS, check_outputs
-from moetuner.models import ModelSpec, get_model
+from moetuner.models import ModelSpec, get_model, model_with_shape
 from moetuner.online import OnlinePolicy, online_policy
 from moetuner.placement import Placement, recorded_nodes
 from moetuner.steps import StepPlan, Steps
@@ -210,6 +217,60 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     )
 
 
+def evaluate_step_loads(placements: list[Path], path: Path, model_name: str | None,
+                        gpus: int | None, nodes: int | None, gpu: str, intra_bw: float | None,
+                        inter_bw: float | None, calibration: Path | None, kernel: str,
+                        as_json: bool) -> None:
+    """``moetuner evaluate`` on the steps a profile recorded as loads (``step_loads``):
+    ``compare_step_loads``, printed with what loads alone cannot tell."""
+    profile = read_profile(path)
+    if profile.step_loads is None:
+        raise InputError(path, "step_loads", "a per-token trace, or a profile with per-step "
+                         "loads [steps, layers, experts] (an SGLang stat dump)")
+    loaded = {}
+    for file in placements:
+        loaded[file.stem if file.stem not in loaded else str(file)] = read_placement(file, gpus)
+    first = next(iter(loaded.values()), None)
+    if first is None:
+        raise InputError("PLACEMENT", "placements", "at least one placement file")
+    L, E = profile.num_layers, profile.num_experts
+    for placement in loaded.values():
+        if (placement.num_layers, placement.num_experts) != (L, E):
+            raise InputError(placement.source, "phy2log", f"{L} layers x {E} experts (those "
+                             f"of {path})", f"{placement.num_layers} x {placement.num_experts}")
+    model = model_with_shape(L, E, None) if model_name is None else get_model(model_name)
+    if model is None or (model.num_moe_layers, model.num_experts) != (L, E):
+        raise InputError("--model", "model", f"a preset with {L} MoE layers and {E} experts "
+                         "(pass --model)", None if model is None else model.name)
+    num_gpus = first.num_gpus if gpus is None else gpus
+    cluster = cluster_from_flags(num_gpus, default_nodes(loaded, num_gpus) if nodes is None
+                                 else nodes, gpu, intra_bw, inter_bw)
+    coefficients = CostCoefficients() if calibration is None else load_coefficients(calibration)
+    rows = compare_step_loads(loaded, profile.step_loads, cluster, model,
+                              EngineSettings(kernel=kernel), coefficients)
+    if as_json:
+        print(json.dumps({"note": MODEL_NOTE, "profile": str(path), "model": model.name,
+                          "cluster": cluster.to_dict(), "kernel": kernel,
+                          "warnings": [STEP_LOADS_NOTE], "rows": rows}, indent=2))
+        return
+    table = Table(title="MoE layers per recorded engine step (per-step loads)")
+    for column in ("placement", "slots", "step imb.", "ms/step", "p99 ms",
+                   "disp / comp / comb ms", "tokens/s", "speedup"):
+        table.add_column(column, justify="left" if column == "placement" else "right")
+    for row in rows:
+        split = " / ".join(f"{row[name] / max(row['steps'], 1) * 1e3:.3f}"
+                           for name in ("dispatch_s", "compute_s", "combine_s"))
+        table.add_row(row["placement"], str(row["slots_per_gpu"]),
+                      f"{row['step_imbalance']:.3f}", f"{row['mean_step_time_s'] * 1e3:.3f}",
+                      f"{row['p99_step_time_s'] * 1e3:.3f}", split,
+                      f"{row['tokens_per_s']:.4g}", f"{row['speedup_vs_linear']:.3f}x")
+    Console(width=max(console.width, 160)).print(table)
+    console.print(f"{rows[0]['batching']} of {path}; {model.name} on {cluster.num_gpus} x "
+                  f"{cluster.gpu.name} in {cluster.num_nodes} node(s); {kernel} kernels.\n"
+                  f"MoE times are {MODEL_NOTE}.")
+    console.print(f"note: {STEP_LOADS_NOTE}.", style="yellow", markup=False, highlight=False)
+
+
 def comparison_table(rows: list[dict], title: str = "MoE layers on the evaluation trace"
                      ) -> Table:
     """The comparison as a rich table (one row per placement and execution model)."""
@@ -281,8 +342,17 @@ def evaluate_command(
     """Compare placements on a held-out trace, engine step by engine step at serving scale:
     balance, traffic, predicted MoE time per step (and online rebalancing with --online);
     then the verdict: the placement to deploy per phase and execution model, exported with
-    --export-best."""
+    --export-best. A profile with per-step loads (an SGLang stat dump) is evaluated on its
+    recorded steps."""
     check_outputs(check_export(export_best, export_format), [*placements, trace])
+    if not is_trace(trace):
+        for flag, value in (("--online", online), ("--select", select), ("--drop", drop)):
+            if value:
+                raise InputError(flag, flag.lstrip("-"), f"a per-token trace ({trace} holds "
+                                 "loads: no sequences to select, no online replay)")
+        evaluate_step_loads(placements, trace, model, gpus, nodes, gpu, intra_bw, inter_bw,
+                            calibration, kernel_for(phase, kernel), as_json)
+        return
     plan = StepPlan(phase, replay, tokens_per_gpu, num_steps, seed, concurrency, step_tokens)
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
                          inter_bw, exec_model, replica_policy, calibration, plan, kernel,

@@ -94,6 +94,8 @@ def show_profile(path: Path) -> None:
         entry = entry if isinstance(entry, dict) else {}
         _say(f"  source {entry.get('source')} ({entry.get('selection')}), "
              f"{entry.get('tokens')} tokens")
+    if profile.step_loads is not None:
+        _say(f"  {profile.step_loads.shape[0]} recorded engine steps (per-step loads)")
     console.print(profile_table(profile))
 
 

@@ -8,6 +8,10 @@ slots per GPU, the messages of the phase's kernel, the execution model) and cost
 same ``costmodel.StepCost``; step time = sum over layers of dispatch + slowest GPU's compute
 + combine.
 
+A profile without sampled steps takes its steps from the per-step loads an engine recorded
+(``steps_from_step_loads``: tokens dealt to match each recorded step's loads), else from its
+whole-profile loads (``steps_from_load``).
+
 The objective of one workload is the mean step time over its sampled steps; several
 workloads give their weighted mean (``robust="mean"``) or the worst (``"max"``). The same
 function scores the warm starts, the search's candidate moves (layer by layer), the exact
@@ -26,7 +30,7 @@ from moetuner.engine import EngineSettings, LayerCounts, count_layer, replica_ta
 from moetuner.errors import InputError
 from moetuner.models import MODELS, ModelSpec, model_with_shape
 from moetuner.profile import STEP_ENTRIES, Profile, StepSample
-from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU
+from moetuner.steps import DEFAULT_SEQUENCES_PER_GPU, SERVING_STEPS
 
 # A stand-in model for shapes no preset matches (a mid-size BF16 MoE).
 GENERIC_MODEL = ModelSpec("generic", "-", 1, (), 1, 1, 4096, 2048)
@@ -126,7 +130,9 @@ def build_problem(
         raise InputError("params", "weights", f"{len(profiles)} non-negative weights, not all 0",
                          weights.tolist())
     G = cluster.num_gpus
-    samples = [p.steps if p.steps is not None and p.steps.num_steps else steps_from_load(p, G)
+    samples = [p.steps if p.steps is not None and p.steps.num_steps
+               else steps_from_step_loads(p.step_loads, p.top_k, source=p.source)
+               if p.step_loads is not None and p.step_loads.any() else steps_from_load(p, G)
                for p in profiles]
     return StepProblem(
         samples=samples, homes=[sample.home(G) for sample in samples],
@@ -157,6 +163,52 @@ def steps_from_load(profile: Profile, num_gpus: int, count: int = 32, seed: int 
     return StepSample(ids=ids, bounds=np.arange(0, n + 1, per_step, dtype=np.int64),
                       slot=token % per_step, token=token, batching="decode",
                       concurrency=per_step)
+
+
+def steps_from_step_loads(step_loads: np.ndarray, top_k: int,
+                          count: int = SERVING_STEPS["decode"], seed: int = 0,
+                          source: str = "step_loads") -> StepSample:
+    """Decode steps whose tokens match recorded per-step loads ``[S, L, E]`` exactly.
+
+    Step s holds n = (its pairs per layer) / k tokens; in each layer the pairs, sorted by
+    expert, are dealt column by column into an ``[n, k]`` table (so no token repeats an
+    expert: no expert has more than n pairs), whose rows are then shuffled (seeded) so
+    layers pair up at random (co-activation across layers is not known). Token i of a step
+    sits in slot i (home GPU i mod G). Up to ``count`` steps, evenly spaced, fewer to stay
+    within ``STEP_ENTRIES`` ids; steps without tokens are skipped.
+
+    Raises:
+        InputError: when a step's layers hold different pair counts, or a count that is not
+            a multiple of k or gives one expert more pairs than the step has tokens.
+    """
+    loads = np.asarray(step_loads, dtype=np.int64)
+    S, L, E = loads.shape
+    pairs = loads.sum(axis=2)                                                    # [S, L]
+    sizes = pairs[:, 0] // top_k
+    if ((pairs != pairs[:, :1]) | (pairs % top_k != 0)).any() or (
+            loads.max(axis=2, initial=0) > sizes[:, None]).any():
+        raise InputError(source, "step_loads", f"steps of tokens x k = {top_k} pairs in every "
+                         "layer, no expert above the step's tokens", "inconsistent counts")
+    busy = np.flatnonzero(sizes > 0)
+    per_step = max(float(sizes[busy].mean()), 1.0) * L * top_k if busy.size else 1.0
+    keep = max(1, min(int(count), int(STEP_ENTRIES // per_step), busy.size))
+    picked = busy[np.unique(np.linspace(0, busy.size - 1, keep).astype(np.int64))] \
+        if busy.size else busy
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for s in picked:
+        n = int(sizes[s])
+        dealt = np.repeat(np.tile(np.arange(E), L), loads[s].ravel())            # [L n k]
+        table = dealt.reshape(L, top_k, n).transpose(0, 2, 1)                    # [L, n, k]
+        rows = np.argsort(rng.random((L, n)), axis=1)
+        blocks.append(np.take_along_axis(table, rows[:, :, None], axis=1).transpose(1, 0, 2))
+    ids = (np.concatenate(blocks) if blocks else np.zeros((0, L, top_k), np.int64))
+    steps = sizes[picked]
+    bounds = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+    slot = np.arange(bounds[-1], dtype=np.int64) - np.repeat(bounds[:-1], steps)
+    return StepSample(ids=ids.astype(np.uint16), bounds=bounds, slot=slot,
+                      token=np.arange(bounds[-1], dtype=np.int64), batching="decode",
+                      concurrency=int(max(steps.max(initial=1), 1)), ordered=False)
 
 
 def layer_counts(problem: StepProblem, q: int, layer: int, row: np.ndarray,
