@@ -184,7 +184,7 @@ def test_cli_profile_without_step_loads_exits_2(tmp_path, capsys):
     Placement(linear_phy2log(32, 8, 8), 2, 8).save(placement)
     assert run(["evaluate", str(placement), "--trace", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "step_loads" in lines[0]
+    assert len(lines) == 1 and "per-token routing trace" in lines[0]
 
 
 def test_steps_dealt_from_step_loads_match_them_exactly():

@@ -55,12 +55,13 @@ from moetuner.evaluate import (
     compare_step_loads,
     model_for_trace,
 )
-from moetuner.formats import read_placement
+from moetuner.formats import PROFILE, identify, read_placement
 from moetuner.inputs import is_trace, read_profile, read_trace
 from moetuner.io import MAX_PAIR_CELLS, check_outputs
 from moetuner.models import ModelSpec, get_model, model_with_shape
 from moetuner.online import OnlinePolicy, online_policy
 from moetuner.placement import Placement, recorded_nodes
+from moetuner.profile import Profile
 from moetuner.steps import StepPlan, Steps
 from moetuner.trace import Trace
 
@@ -217,16 +218,13 @@ def read_inputs(placements: list[Path], trace: Path, select: list[str] | None,
     )
 
 
-def evaluate_step_loads(placements: list[Path], path: Path, model_name: str | None,
+def evaluate_step_loads(placements: list[Path], path: Path, profile: Profile,
+                        model_name: str | None,
                         gpus: int | None, nodes: int | None, gpu: str, intra_bw: float | None,
                         inter_bw: float | None, calibration: Path | None, kernel: str,
                         as_json: bool) -> None:
-    """``moetuner evaluate`` on the steps a profile recorded as loads (``step_loads``):
-    ``compare_step_loads``, printed with what loads alone cannot tell."""
-    profile = read_profile(path)
-    if profile.step_loads is None:
-        raise InputError(path, "step_loads", "a per-token trace, or a profile with per-step "
-                         "loads [steps, layers, experts] (an SGLang stat dump)")
+    """``moetuner evaluate`` on the steps ``profile`` (read from ``path``) recorded as loads
+    (``step_loads``): ``compare_step_loads``, printed with what loads alone cannot tell."""
     loaded = {}
     for file in placements:
         loaded[file.stem if file.stem not in loaded else str(file)] = read_placement(file, gpus)
@@ -345,13 +343,15 @@ def evaluate_command(
     --export-best. A profile with per-step loads (an SGLang stat dump) is evaluated on its
     recorded steps."""
     check_outputs(check_export(export_best, export_format), [*placements, trace])
-    if not is_trace(trace):
+    recorded = None if is_trace(trace) or identify(trace).role != PROFILE \
+        else read_profile(trace)
+    if recorded is not None and recorded.step_loads is not None:
         for flag, value in (("--online", online), ("--select", select), ("--drop", drop)):
             if value:
                 raise InputError(flag, flag.lstrip("-"), f"a per-token trace ({trace} holds "
                                  "loads: no sequences to select, no online replay)")
-        evaluate_step_loads(placements, trace, model, gpus, nodes, gpu, intra_bw, inter_bw,
-                            calibration, kernel_for(phase, kernel), as_json)
+        evaluate_step_loads(placements, trace, recorded, model, gpus, nodes, gpu, intra_bw,
+                            inter_bw, calibration, kernel_for(phase, kernel), as_json)
         return
     plan = StepPlan(phase, replay, tokens_per_gpu, num_steps, seed, concurrency, step_tokens)
     inputs = read_inputs(placements, trace, select, drop, model, gpus, nodes, gpu, intra_bw,
