@@ -228,7 +228,7 @@ def balance_search(counts, weight, floor, row, copies, num_gpus, a, r, x, max_pa
                    replicas):  # pragma: no cover - compiled
     """``joint``'s balance search of one layer (``moetuner.methods._joint_balance``
     documents the surrogate and the moves): improves ``row`` and ``copies`` in place and
-    returns the moves applied and whether the last pass found none."""
+    returns the moves applied, the moves evaluated and whether the last pass found none."""
     S, E = counts.shape
     P = row.shape[0]
     G = num_gpus
@@ -251,6 +251,7 @@ def balance_search(counts, weight, floor, row, copies, num_gpus, a, r, x, max_pa
         scale += weight[s] * now[s]
     eps = 1e-12 * max(scale, 1e-30)
     moves = 0
+    evaluated = 0
     converged = False
     for _ in range(max_passes):
         improved = False
@@ -261,6 +262,7 @@ def balance_search(counts, weight, floor, row, copies, num_gpus, a, r, x, max_pa
                 e1, e2 = row[p], row[q]
                 if g1 == g2 or e1 == e2 or holds[e1, g2] > 0 or holds[e2, g1] > 0:
                     continue
+                evaluated += 1
                 delta = 0.0
                 for s in range(S):
                     w1 = counts[s, e1] / copies[e1]
@@ -297,8 +299,11 @@ def balance_search(counts, weight, floor, row, copies, num_gpus, a, r, x, max_pa
                     moves += 1
                     improved = True
         if replicas:
-            improved = _replica_pass(counts, weight, floor, row, copies, holds, G, a, r, x,
-                                     eps) or improved
+            gained, tried = _replica_pass(counts, weight, floor, row, copies, holds, G, a, r,
+                                          x, eps)
+            improved = gained > 0 or improved
+            moves += gained
+            evaluated += tried
             if improved:
                 load, active, compute = _state(counts, row, copies, G, a, r)
                 _top3(compute, top_c_i, top_c_v)
@@ -308,7 +313,7 @@ def balance_search(counts, weight, floor, row, copies, num_gpus, a, r, x, max_pa
         if not improved:
             converged = True
             break
-    return moves, converged
+    return moves, evaluated, converged
 
 
 @numba.njit(cache=True, nogil=True)
@@ -316,11 +321,12 @@ def _replica_pass(counts, weight, floor, row, copies, holds, num_gpus, a, r, x,
                   eps):  # pragma: no cover - compiled
     """One pass of replica moves (slot p of an expert with several copies given to an
     expert not on p's GPU), each priced by recomputing the steps' costs; first improving
-    move applied. Returns whether any was."""
+    move applied. Returns the moves applied and the moves evaluated."""
     S, E = counts.shape
     P = row.shape[0]
     per_gpu = P // num_gpus
-    improved = False
+    applied = 0
+    tried = 0
     load, active, compute = _state(counts, row, copies, num_gpus, a, r)
     base = 0.0
     for s in range(S):
@@ -341,6 +347,7 @@ def _replica_pass(counts, weight, floor, row, copies, holds, num_gpus, a, r, x,
         for e2 in hottest:
             if e2 == e1 or holds[e2, g] > 0:
                 continue
+            tried += 1
             total = 0.0
             for s in range(S):
                 for h in range(num_gpus):
@@ -373,8 +380,8 @@ def _replica_pass(counts, weight, floor, row, copies, holds, num_gpus, a, r, x,
                 copies[e2] += 1
                 load, active, compute = _state(counts, row, copies, num_gpus, a, r)
                 base = total
-                improved = True
+                applied += 1
                 e1 = e2
                 if copies[e1] < 2:
                     break
-    return improved
+    return applied, tried

@@ -30,7 +30,7 @@ import numpy as np
 
 def search_layer(counts: np.ndarray, weight: np.ndarray, floor: np.ndarray, row: np.ndarray,
                  num_gpus: int, num_experts: int, seconds: tuple[float, float, float],
-                 max_passes: int, replicas: bool) -> tuple[np.ndarray, int, bool]:
+                 max_passes: int, replicas: bool) -> tuple[np.ndarray, int, int, bool]:
     """Improve one layer's ``row`` for the surrogate (module docstring).
 
     Args:
@@ -44,16 +44,17 @@ def search_layer(counts: np.ndarray, weight: np.ndarray, floor: np.ndarray, row:
         replicas: whether slots may change expert (replica counts move).
 
     Returns:
-        The new row, the moves applied and whether the last pass found none (converged).
+        The new row, the moves applied, the moves evaluated and whether the last pass found
+        no improving move (converged).
     """
     row = np.array(row, dtype=np.int64)
     copies = np.bincount(row, minlength=num_experts).astype(np.int64)
     from moetuner.kernels import balance_search  # numba: imported when used
 
     a, r, x = seconds
-    moves, converged = balance_search(np.ascontiguousarray(counts, dtype=np.float64),
+    moves, evaluated, converged = balance_search(np.ascontiguousarray(counts, dtype=np.float64),
                                np.ascontiguousarray(weight, dtype=np.float64),
                                np.ascontiguousarray(floor, dtype=np.float64), row, copies,
                                num_gpus, float(a), float(r), float(x), int(max_passes),
                                bool(replicas))
-    return row, int(moves), bool(converged)
+    return row, int(moves), int(evaluated), bool(converged)

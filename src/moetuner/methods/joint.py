@@ -1,8 +1,10 @@
 """``joint``: one placement minimising the mean step time of sampled engine steps.
 
 Minimises the per-step objective of ``_joint_objective`` (every sampled step's slowest GPU
-compute plus its dispatch and combine, DeepEP node messages across nodes, the engine's
-replica policy) for ``options.exec_model``.
+compute plus its dispatch and combine under the phase's kernel, the engine's replica policy)
+for ``options.exec_model``. The steps are the phase's at serving scale (``JointParams``:
+``phase``, ``tokens_per_gpu``), each drawn from its own mix of the profiled request groups
+(``hedge``), so the placement holds up when the served mix differs from the profiled one.
 
 How:
 
@@ -12,17 +14,26 @@ How:
 2. **Exact path.** Tiny instances without replicas (``exact_is_optimal``): under ``return``
    every layer's best placement by enumeration; under ``follow`` (ordered trace, ``even``
    replicas) a dynamic program over layers; status ``optimal``.
-3. **Search.** Layer by layer (under ``follow`` in layer order, tokens sitting where the
-   layer before left them), candidate moves are ranked by an estimate computed for all of
-   them at once on all sampled steps (numpy): each step's GPU compute after the move
-   (exact pairs and used slots per step, replicas sharing an expert's tokens evenly) plus
-   the node-level co-activation saving (one DeepEP message for experts on one node). The
-   best ``VERIFY`` are re-costed exactly on every sampled step (only the tokens a move
-   touches are re-counted: ``LayerCounts`` add and subtract) and the best improving one is
-   applied, unless it raises the layer's per-step busiest-GPU load above the warm start's
-   by more than ``imbalance_slack``. Moves: swapping two slots' experts between GPUs, and
-   (with redundant slots) giving a replica slot to another expert, so replica counts are
-   the method's own. Then random kicks followed by descent, kept when they help.
+3. **Balance search** (``return``): layers are independent; each layer's row is improved
+   for the per-step balance surrogate of ``_joint_balance`` (every sampled step's busiest
+   GPU in compute and, on pair kernels, in the pairs it receives; swaps and replica moves,
+   first improvement, a fixed order) until a full pass finds no improving move. On pair
+   kernels (DeepEP low-latency, NCCL EP) the surrogate holds the objective's placement-
+   dependent terms, so its converged result is returned (deterministic). The result is
+   kept when the exact objective improves and no layer's per-step busiest-GPU load grows
+   above the warm start's by more than ``imbalance_slack``.
+   **Exact local search** (``follow``, and ``return`` on DeepEP normal, where node
+   de-duplication rewards co-activated experts on one node): layer by layer (under
+   ``follow`` in layer order, tokens sitting where the layer before left them), candidate
+   moves are ranked by an estimate computed for all of them at once on all sampled steps
+   (numpy): each step's GPU compute after the move plus the node-level co-activation saving
+   (one DeepEP message for experts on one node). The best ``VERIFY`` are re-costed exactly
+   on every sampled step (only the tokens a move touches are re-counted: ``LayerCounts``
+   add and subtract) and the best improving one is applied, within the same imbalance cap.
+   Moves: swapping two slots' experts between GPUs, and (with redundant slots) giving a
+   replica slot to another expert, so replica counts are the method's own. Then random
+   kicks (seeded) followed by descent, kept when they help, until a pass improves nothing
+   or the time limit.
 4. **Bound.** ``lower_bound``: gap = (objective - bound) / objective.
 
 Hierarchy: the estimate rewards co-activated experts on one node and, through each step's
@@ -170,33 +181,44 @@ def solve(profile: Profile, cluster: Cluster, options: PlaceOptions
         return phy2log, SolveRecord(method="joint", status="optimal", objective=best,
                                     bound=best, objective_name=name, log="; ".join(log))
     if problem.exec_model == "return":
-        balanced, moves, converged = balance_search(problem, phy2log, options.redundant > 0,
-                                                    deadline)
+        started = time.perf_counter()
+        balanced, moves, evaluated, converged = balance_search(
+            problem, phy2log, options.redundant > 0, deadline)
+        rate = evaluated / max(time.perf_counter() - started, 1e-9)
         value = objective(problem, balanced)
-        log.append(f"balance search: {moves} moves, {'converged' if converged else 'stopped'}"
-                   f", {1e6 * best:.6g} -> {1e6 * value:.6g} us")
+        log.append(f"balance search: {moves} moves of {evaluated} evaluated ({rate:.3g}/s), "
+                   f"{'converged' if converged else 'stopped'}, {1e6 * best:.6g} -> "
+                   f"{1e6 * value:.6g} us")
         # Kept when better and within the per-step imbalance cap of the warm start.
         cap = (1 + params.imbalance_slack) * peak_loads(problem, phy2log) * (1 + 1e-12)
         if value < best and (peak_loads(problem, balanced) <= cap).all():
             phy2log, best = balanced, value
+        if problem.settings.pair_messages:
+            # Pair kernels: the surrogate is the objective's own terms (module docstring),
+            # so its converged result is the answer; no time-bound polish, so the same
+            # inputs give the same placement.
+            return phy2log, SolveRecord(method="joint", status="heuristic" if converged
+                                        else "time_limit", objective=best,
+                                        bound=min(bound, best), objective_name=name,
+                                        log="; ".join(log))
     searched, moves, timed_out = local_search(problem, phy2log, deadline, options.seed,
                                               params.kicks, params.imbalance_slack)
     value = objective(problem, searched)
     log.append(f"local search: {moves} moves, from {1e6 * best:.6g} to {1e6 * value:.6g} us")
     if value < best:  # never worse than where it started
         phy2log, best = searched, value
-    value = best
     return phy2log, SolveRecord(method="joint", status="time_limit" if timed_out else
-                                "heuristic", objective=value, bound=min(bound, value),
+                                "heuristic", objective=best, bound=min(bound, best),
                                 objective_name=name, log="; ".join(log))
 
 
 def balance_search(problem: StepProblem, phy2log: np.ndarray, replicas: bool,
-                   deadline: float) -> tuple[np.ndarray, int, bool]:
+                   deadline: float) -> tuple[np.ndarray, int, int, bool]:
     """Each layer's row improved for the per-step balance surrogate of ``_joint_balance``
     on the sampled steps' expert counts (``return`` only: layers are independent there).
 
-    Returns the placement, the moves applied and whether every layer converged.
+    Returns the placement, the moves applied, the moves evaluated and whether every layer
+    converged (a full pass found no improving move).
     """
     from moetuner.methods._joint_balance import search_layer  # numba: imported when used
 
@@ -210,10 +232,10 @@ def balance_search(problem: StepProblem, phy2log: np.ndarray, replicas: bool,
         for _, intra, inter in c.message_seconds)
     seconds = (c.pair_seconds, c.read_seconds, x)
     E = problem.num_experts
-    out, moves, converged = phy2log.copy(), 0, True
+    out, moves, evaluated, converged = phy2log.copy(), 0, 0, True
     for layer in range(problem.num_layers):
         if time.perf_counter() >= deadline:
-            return out, moves, False
+            return out, moves, evaluated, False
         counts, weight, floor = [], [], []
         for q, (sample, share) in enumerate(zip(problem.samples, problem.weights,
                                                 strict=True)):
@@ -226,13 +248,14 @@ def balance_search(problem: StepProblem, phy2log: np.ndarray, replicas: bool,
             floor.append(np.zeros(sample.num_steps) if x == 0 else sum(
                 (messages[0] * intra + messages[2] * inter).max(axis=1)
                 for _, intra, inter in c.message_seconds))
-        row, applied, done = search_layer(np.concatenate(counts), np.concatenate(weight),
-                                          np.concatenate(floor), out[layer], G, E, seconds,
-                                          BALANCE_PASSES, replicas)
+        row, applied, tried, done = search_layer(
+            np.concatenate(counts), np.concatenate(weight), np.concatenate(floor), out[layer],
+            G, E, seconds, BALANCE_PASSES, replicas)
         out[layer] = _canonical(row, problem.slots_per_gpu)
         moves += applied
+        evaluated += tried
         converged &= done
-    return out, moves, converged
+    return out, moves, evaluated, converged
 
 
 def _objective_name(problem: StepProblem) -> str:
