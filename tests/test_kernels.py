@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_evaluate import random_placement
-from test_step_replay import COEFFICIENTS
+from test_step_replay import COEFFICIENTS, traced_placements
 
 from moetuner.cluster import make_cluster
 from moetuner.costmodel import CostCoefficients, StepCost
@@ -221,21 +220,7 @@ def test_shipped_constants_say_where_they_come_from():
 
 @st.composite
 def agreement_instances(draw):
-    num_gpus, num_nodes = draw(st.sampled_from([(2, 1), (2, 2), (4, 2), (4, 1), (6, 3)]))
-    num_experts = draw(st.integers(num_gpus, 2 * num_gpus))
-    slots = -(-num_experts // num_gpus) + draw(st.integers(0, 1))
-    num_layers = draw(st.integers(1, 3))
-    k = draw(st.integers(1, min(3, num_experts)))
-    tokens = draw(st.integers(1, 14))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    ids = np.argsort(rng.random((tokens, num_layers, num_experts)), axis=2)[:, :, :k]
-    cuts = np.sort(rng.integers(0, tokens + 1, draw(st.integers(0, 4))))
-    seq_lens = np.diff(np.concatenate([[0], cuts, [tokens]])).astype(np.int64)
-    weights = (np.sort(rng.random(ids.shape), axis=2)[:, :, ::-1].copy()
-               if draw(st.booleans()) else None)
-    trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
-                  seq_lens=seq_lens)
-    placement = random_placement(draw, num_layers, num_experts, num_gpus, slots, True)
+    placement, trace, cluster = draw(traced_placements())
     phase = draw(st.sampled_from(["decode", "prefill"]))
     if draw(st.booleans()):
         plan = StepPlan(phase, "serving", tokens_per_gpu=draw(st.integers(1, 3)),
@@ -243,7 +228,7 @@ def agreement_instances(draw):
     else:
         plan = StepPlan(phase, "recorded", concurrency=draw(st.integers(1, 6)),
                         step_tokens=draw(st.integers(1, 6)))
-    return placement, trace, make_cluster(num_gpus, num_nodes), plan
+    return placement, trace, cluster, plan
 
 
 @settings(max_examples=120, deadline=None)

@@ -125,7 +125,9 @@ def reference_step_times(placement, trace, cluster, steps, settings, model, c):
 
 
 @st.composite
-def step_instances(draw, ordered=None):
+def traced_placements(draw, ordered=None):
+    """A random small placement, a trace of a few requests for it (ordered or not) and the
+    cluster."""
     num_gpus, num_nodes = draw(st.sampled_from([(2, 1), (2, 2), (4, 2), (4, 1), (6, 3)]))
     num_experts = draw(st.integers(num_gpus, 2 * num_gpus))
     slots = -(-num_experts // num_gpus) + draw(st.integers(0, 1))
@@ -141,6 +143,13 @@ def step_instances(draw, ordered=None):
     trace = Trace(topk_ids=ids, num_experts=num_experts, topk_weights=weights,
                   seq_lens=seq_lens)
     placement = random_placement(draw, num_layers, num_experts, num_gpus, slots, True)
+    return placement, trace, make_cluster(num_gpus, num_nodes)
+
+
+@st.composite
+def step_instances(draw, ordered=None):
+    placement, trace, cluster = draw(traced_placements(ordered))
+    seq_lens, tokens, num_gpus = trace.seq_lens, trace.num_tokens, cluster.num_gpus
     source = draw(st.sampled_from(["decode", "prefill", "serving"]))
     if source == "decode":
         steps = make_steps(seq_lens, tokens, num_gpus, "decode",
@@ -152,7 +161,7 @@ def step_instances(draw, ordered=None):
         steps = serving_steps(seq_lens, tokens, num_gpus, draw(st.sampled_from(
             ["decode", "prefill"])), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
             draw(st.integers(0, 100)))
-    return placement, trace, make_cluster(num_gpus, num_nodes), steps
+    return placement, trace, cluster, steps
 
 
 @settings(max_examples=90, deadline=None)
