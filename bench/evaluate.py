@@ -168,7 +168,7 @@ def time_replay(path: Path) -> None:
     print("| GPUs / nodes | exec | replicas | kernel | token-layers | CPU s | "
           "M token-layers / CPU s |")
     print("|---|---|---|---|---|---|---|")
-    for gpus, nodes in ((8, 2), (16, 4), (64, 8)):
+    for gpus, nodes in ((8, 2), (16, 4), (32, 4)):
         cluster = make_cluster(gpus, nodes, "h100")
         placement = place(profile_trace(trace), cluster, "eplb",
                           PlaceOptions(redundant=gpus))[0]
