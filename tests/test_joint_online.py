@@ -83,8 +83,9 @@ def test_without_a_current_map_it_starts_from_eplb_and_balances():
 def test_affinity_from_the_profile_keeps_pairs_on_a_node(tmp_path):
     """Equal live loads: the load term is flat, so the offline affinity decides, and the
     policy brings pairs that fire together onto one node (within its move budget)."""
+    # DeepEP normal: one message per token and node, so a pair on one node saves one.
     online = JointOnline(JointOnlineConfig(profile=paired_profile(tmp_path), max_moves=8,
-                                           affinity=1.0))
+                                           affinity=1.0, kernel="deepep-normal"))
     old = np.array([[0, 2, 1, 3, 4, 6, 5, 7]] * 2)     # every pair split over the 2 nodes
     new = online.rebalance(np.ones((2, 8)), old, num_gpus=4, num_nodes=2)
     node = np.empty(8, dtype=int)
@@ -93,6 +94,12 @@ def test_affinity_from_the_profile_keeps_pairs_on_a_node(tmp_path):
         assert all(node[2 * i] == node[2 * i + 1] for i in range(4))
     blind = JointOnline(JointOnlineConfig(max_moves=8)).rebalance(np.ones((2, 8)), old, 4, 2)
     assert np.array_equal(blind, old)                   # no affinity, nothing to gain
+    # DeepEP low-latency (the default) sends one message per pair wherever the expert sits:
+    # the same profile moves nothing.
+    pairs = JointOnline(JointOnlineConfig(profile=paired_profile(tmp_path), max_moves=8,
+                                          affinity=1.0))
+    assert pairs.config.node_affinity == 0.0
+    assert np.array_equal(pairs.rebalance(np.ones((2, 8)), old, 4, 2), old)
 
 
 def test_sglang_entry_point_has_sglangs_shapes(tmp_path, monkeypatch):
@@ -113,6 +120,7 @@ def test_sglang_entry_point_has_sglangs_shapes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("config", "field"), [
     ({"max_moves": -1}, "max_moves"), ({"affinity": -0.5}, "affinity"),
+    ({"kernel": "nvshmem"}, "kernel"),
     ({"num_nodes": 0}, "num_nodes")])
 def test_bad_config_is_an_input_error(config, field):
     with pytest.raises(InputError, match=field):

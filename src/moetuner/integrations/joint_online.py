@@ -12,9 +12,13 @@ Per layer it minimises, by greedy moves from the current map,
 where ``load[g]`` is GPU g's live load (an expert's load split evenly over its replicas, as
 vLLM's hashing does) and the cross-node share is the fraction of the offline co-activation
 (token pairs of chosen experts) whose two experts sit on different nodes (each costs a
-DeepEP message). Moves: swapping two slots' experts between GPUs (2 slots moved) and giving
-a replica slot of the expert with the least load per copy to the one with the most (1 slot
-moved); a move is kept only when it lowers the layer's score.
+DeepEP message). These are the terms of ``joint``'s objective that a window of loads can
+tell: a step waits for its busiest GPU, and only kernels that send one message per token and
+node (DeepEP normal) reward co-activated experts on one node, so on the pair kernels
+(DeepEP low-latency, NCCL EP: ``kernel``) the affinity term is off. Moves: swapping two
+slots' experts between GPUs (2 slots moved) and giving a replica slot of the expert with the
+least load per copy to the one with the most (1 slot moved); a move is kept only when it
+lowers the layer's score.
 
 Entry points (all return only the physical-to-logical map):
 
@@ -42,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from moetuner.engine import PAIR_KERNELS, KernelName, checked
 from moetuner.eplb import as_numpy, like_input
 from moetuner.errors import InputError
 from moetuner.io import read_json
@@ -63,6 +68,9 @@ class JointOnlineConfig:
         num_gpus: GPUs of the cluster when the caller does not say (``rebalance`` called
             with two arguments, as the evaluator's online replay does); None: the caller must.
         num_nodes: nodes of the cluster when the caller does not say.
+        kernel: the all-to-all kernel the cluster runs (``deepep-ll`` for decode,
+            ``deepep-normal`` for prefill, ``nccl``); the affinity counts on
+            ``deepep-normal`` only.
     """
 
     profile: str | None = None
@@ -70,6 +78,7 @@ class JointOnlineConfig:
     affinity: float = 0.25
     num_gpus: int | None = None
     num_nodes: int = 1
+    kernel: str = "deepep-ll"
 
     def __post_init__(self) -> None:
         if isinstance(self.max_moves, bool) or not isinstance(self.max_moves, int) \
@@ -78,12 +87,18 @@ class JointOnlineConfig:
                              self.max_moves)
         if not isinstance(self.affinity, int | float) or not self.affinity >= 0:
             raise InputError("joint online config", "affinity", "a number >= 0", self.affinity)
+        checked(self.kernel, KernelName, "joint online config", "kernel")
         for name in ("num_gpus", "num_nodes"):
             value = getattr(self, name)
             if value is None and name == "num_gpus":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError("joint online config", name, "an integer >= 1", value)
+
+    @property
+    def node_affinity(self) -> float:
+        """The affinity weight in force: 0 on kernels that send one message per pair."""
+        return 0.0 if self.kernel in PAIR_KERNELS else float(self.affinity)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> JointOnlineConfig:
@@ -139,7 +154,7 @@ class JointOnline:
         for layer in range(L):
             coact = None if self.coactivation is None else self.coactivation[layer]
             out[layer] = improve_layer(load[layer], old[layer], G, N, coact,
-                                       self.config.affinity,
+                                       self.config.node_affinity,
                                        self.config.max_moves if max_moves is None
                                        else max_moves)
         return out
