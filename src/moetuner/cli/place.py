@@ -93,7 +93,8 @@ def place_command(
         "--param", help="method setting KEY=VALUE (e.g. sizes=free, ilp2=heuristic); "
         "repeatable")] = None,
     exec_model: Annotated[str | None, typer.Option(
-        "--exec", help="execution model joint optimises: return or follow")] = None,
+        "--exec", help="execution model joint optimises: return (default: how engines run "
+        "EP) or follow")] = None,
     robust: Annotated[str | None, typer.Option(
         "--robust", help="joint over several workloads: mean (weighted) or max")] = None,
     weight: Annotated[list[float] | None, typer.Option(

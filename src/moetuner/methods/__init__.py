@@ -189,8 +189,8 @@ class PlaceOptions:
         time_limit: seconds the method may run (wall clock).
         seed: random seed; the same inputs and seed give the same placement.
         gap: relative optimality gap at which an exact method may stop (the paper's 2.5%).
-        exec_model: the execution model a traffic-aware method optimises (``follow`` or
-            ``return``, section 4 of the brief).
+        exec_model: the execution model a traffic-aware method optimises (``return``, how
+            engines run expert parallelism, or ``follow``; section 4 of the brief).
         params: the method's settings (its ``MethodParams`` dataclass; a dict is parsed by
             ``place``).
         workload: the workload being placed (set by ``place``).
@@ -200,7 +200,7 @@ class PlaceOptions:
     time_limit: float = 60.0
     seed: int = 0
     gap: float = 0.025
-    exec_model: str = "follow"
+    exec_model: str = "return"
     params: MethodParams | dict = field(default_factory=dict)
     workload: Workload | None = None
 
