@@ -106,9 +106,9 @@ def test_combine_gpu_by_hand():
     assert combine_gpu(gpu, current, 4, ordered=False).tolist() == [2, 3, 0, 2]
 
 
-def test_bad_batching():
-    with pytest.raises(InputError):
-        make_steps(None, 4, 2, batching="steps")
+def test_bad_phase():
+    with pytest.raises(InputError, match="--phase"):
+        make_steps(None, 4, 2, phase="steps")
     with pytest.raises(InputError):
         decode_steps(None, 4, 0, 2)
 

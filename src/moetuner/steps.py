@@ -50,7 +50,6 @@ import numpy as np
 from moetuner.engine import Phase, checked
 from moetuner.errors import InputError
 
-BATCHINGS = ("decode", "prefill", "none")
 # How steps are formed: synthesised at serving scale, the recorded order, or one averaged step.
 StepSource = Literal["serving", "recorded", "average"]
 # Tokens per GPU of a serving-scale step by default (production decode and prefill, brief
@@ -223,21 +222,18 @@ def whole_trace(num_tokens: int, num_gpus: int) -> Steps:
 
 
 def make_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int,
-               batching: str = "decode", concurrency: int | None = None,
+               phase: str = "decode", concurrency: int | None = None,
                step_tokens: int | None = None) -> Steps:
-    """Steps of a trace under ``batching`` (``decode``, ``prefill`` or ``none``).
+    """Steps of a trace in its recorded order for ``phase`` (``decode``: continuous
+    batching; ``prefill``: chunks).
 
     Defaults: ``concurrency`` = 128 x G running sequences; ``step_tokens`` =
     ``DEFAULT_STEP_TOKENS``.
     """
-    if batching == "decode":
+    if checked(phase, Phase, "--phase", "phase") == "decode":
         return decode_steps(seq_lens, num_tokens,
                             concurrency or DEFAULT_SEQUENCES_PER_GPU * num_gpus, num_gpus)
-    if batching == "prefill":
-        return prefill_steps(num_tokens, step_tokens or DEFAULT_STEP_TOKENS, num_gpus)
-    if batching == "none":
-        return whole_trace(num_tokens, num_gpus)
-    raise InputError("--batching", "batching", f"one of {', '.join(BATCHINGS)}", repr(batching))
+    return prefill_steps(num_tokens, step_tokens or DEFAULT_STEP_TOKENS, num_gpus)
 
 
 @dataclass(frozen=True)
