@@ -444,6 +444,19 @@ def test_cli_profile_keeps_sampled_steps(tmp_path):
     assert load_profile(out).steps is None
 
 
+def test_cli_profile_keeps_the_steps_joint_would_sample(tmp_path):
+    """`profile --step-gpus` keeps the steps `place --method joint` samples from the trace
+    (hedged by default); `--hedge 0` keeps steps of the profiled mix."""
+    trace = load_trace(str(SLICE))
+    path = tmp_path / "p.npz"
+    for args, params in (([], []), (["--hedge", "0"], ["hedge=none"])):
+        want = sample_steps(trace, 2, parse_params("joint", params).step_plan())
+        assert run(["profile", str(SLICE), "--step-gpus", "2", *args, "-o", str(path)]) == 0
+        got = load_profile(path).steps
+        assert np.array_equal(got.ids, want.ids) and np.array_equal(got.bounds, want.bounds)
+        assert np.array_equal(got.token, want.token)
+
+
 def test_robust_max_minimises_the_worst_workload():
     a, b = stepped_profile(2, 8, 2, 4, seed=1), stepped_profile(2, 8, 2, 4, seed=2)
     cluster = make_cluster(4, 2)

@@ -47,6 +47,9 @@ def profile_command(
     tokens_per_gpu: TokensPerGpu = None,
     concurrency: Concurrency = None,
     step_tokens: StepTokens = None,
+    hedge: Annotated[float, typer.Option(
+        "--hedge", help="serving steps each drawn from its own mix of the request kinds, "
+        "Dirichlet concentration per kind (joint's default 0.5; 0: the profiled mix)")] = 0.5,
     quiet: Quiet = False,
 ) -> None:
     """Profile routing traces: loads, cross-layer transitions, co-activation, stability."""
@@ -54,9 +57,11 @@ def profile_command(
     if step_gpus is None:
         profile = profile_paths_with_progress(traces, select, drop, workers, ray)
     else:
+        # The steps joint samples when it profiles a trace itself (JointParams.step_plan).
         steps = {"step_gpus": step_gpus,
                  "plan": StepPlan(phase, replay, tokens_per_gpu, concurrency=concurrency,
-                                  step_tokens=step_tokens)}
+                                  step_tokens=step_tokens,
+                                  hedge=hedge or None if replay == "serving" else None)}
         # Profile.__add__ keeps the sampled steps of every trace.
         profile = functools.reduce(operator.add, [
             profile_with_progress(str(trace), select, drop, **steps) for trace in traces])
