@@ -141,3 +141,7 @@ def test_hedge_needs_request_groups():
         StepPlan(hedge=0.5).steps(np.full(4, 10), 40, 2)
     with pytest.raises(InputError, match="hedge"):
         StepPlan(hedge=-1.0)
+    # Requests without tokens leave nothing to draw from: one line, as serving_steps says.
+    with pytest.raises(InputError, match="at least one request with tokens"):
+        mixture_steps(np.zeros(3, dtype=int), 0, 2, "decode", 4, 2, np.zeros(3, dtype=int),
+                      0.5)

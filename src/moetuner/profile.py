@@ -53,6 +53,7 @@ from moetuner.steps import (
     block_homes,
     decode_steps,
     prefill_steps,
+    request_spans,
 )
 from moetuner.trace import Trace, first_sequences
 
@@ -187,12 +188,10 @@ def request_groups(trace: Trace, count: int = REQUEST_GROUPS, seed: int = 0,
     ``SIGNATURE_LAYERS`` evenly spaced layers; the centres are fitted on at most
     ``GROUP_FIT_REQUESTS`` requests drawn at random, then every request joins its nearest.
     A trace without ``seq_lens`` has one request per token."""
-    lens = (np.ones(trace.num_tokens, dtype=np.int64) if trace.seq_lens is None
-            else np.asarray(trace.seq_lens, dtype=np.int64))
+    lens, starts = request_spans(trace.seq_lens, trace.num_tokens)
     R, E = lens.size, trace.num_experts
     layers = np.unique(np.linspace(0, trace.num_layers - 1,
                                    min(trace.num_layers, SIGNATURE_LAYERS)).astype(np.int64))
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     rng = np.random.default_rng(seed)
 
     def signatures(requests: np.ndarray) -> np.ndarray:

@@ -157,10 +157,7 @@ def decode_steps(seq_lens: np.ndarray | None, num_tokens: int, concurrency: int,
     """
     _check_positive("--concurrency", "concurrency", concurrency)
     _check_positive("--gpus", "num_gpus", num_gpus)
-    if seq_lens is None:
-        seq_lens = np.ones(num_tokens, dtype=np.int64)
-    seq_lens = np.asarray(seq_lens, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
+    seq_lens, offsets = request_spans(seq_lens, num_tokens)
     start, slot = _schedule(seq_lens, concurrency)
     token_seq = np.repeat(np.arange(seq_lens.size), seq_lens)
     position = np.arange(num_tokens, dtype=np.int64) - offsets[token_seq]
@@ -312,12 +309,8 @@ def serving_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
     checked(phase, Phase, "--phase", "phase")
     _check_positive("--gpus", "num_gpus", num_gpus)
     _check_size(tokens_per_gpu, num_gpus, num_steps)
-    lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
-            else np.asarray(seq_lens, dtype=np.int64))
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    requests = np.flatnonzero(lens > 0)
-    if not requests.size:
-        raise InputError("--trace", "seq_lens", "at least one request with tokens", 0)
+    lens, starts = request_spans(seq_lens, num_tokens)
+    requests = _with_tokens(lens)
     lens, starts = lens[requests], starts[requests]
     rng = np.random.default_rng(seed)
     width = tokens_per_gpu * num_gpus
@@ -357,14 +350,12 @@ def mixture_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
     """
     checked(phase, Phase, "--phase", "phase")
     _check_size(tokens_per_gpu, num_gpus, num_steps)
-    lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
-            else np.asarray(seq_lens, dtype=np.int64))
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    lens, starts = request_spans(seq_lens, num_tokens)
     groups = np.asarray(groups, dtype=np.int64)
     if groups.shape != lens.shape:
         raise InputError("groups", "groups", f"one group per request ({lens.size})",
                          list(groups.shape))
-    keep = lens > 0
+    keep = _with_tokens(lens)
     lens, starts, groups = lens[keep], starts[keep], groups[keep]
     size = np.bincount(groups, minlength=int(groups.max()) + 1).astype(np.float64)
     rng = np.random.default_rng(seed)
@@ -391,6 +382,24 @@ def mixture_steps(seq_lens: np.ndarray | None, num_tokens: int, num_gpus: int, p
                  description=f"{phase}: {width:,} tokens per step, each step from its own "
                  f"mixture (Dirichlet {alpha:g}) of {size.size} request groups, {num_steps} "
                  "steps")
+
+
+def request_spans(seq_lens: np.ndarray | None, num_tokens: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``[R]`` tokens of each recorded request and the trace index of its first token
+    (requests are stored one after another; without ``seq_lens`` every one of the
+    ``num_tokens`` tokens is its own request)."""
+    lens = (np.ones(num_tokens, dtype=np.int64) if seq_lens is None
+            else np.asarray(seq_lens, dtype=np.int64))
+    return lens, np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+
+
+def _with_tokens(lens: np.ndarray) -> np.ndarray:
+    """Indices of the requests that hold tokens; an ``InputError`` when none does."""
+    requests = np.flatnonzero(lens > 0)
+    if not requests.size:
+        raise InputError("--trace", "seq_lens", "at least one request with tokens", 0)
+    return requests
 
 
 def _decode_stream(lens: np.ndarray, starts: np.ndarray, slots: int, num_steps: int,
